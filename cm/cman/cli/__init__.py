@@ -1,0 +1,1 @@
+"""One thin module per command; common.py is their shared error funnel."""

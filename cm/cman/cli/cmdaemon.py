@@ -1,0 +1,58 @@
+"""cmdaemon: run a node's daemon, the head or a compute node.
+
+    cmdaemon --role head
+    cmdaemon --role compute --name node1 --cpus 4 --mem 8G
+
+Settings come from cm/etc/cm.conf and CM_* environment variables; logs go to
+stderr.
+"""
+import logging
+import re
+import socket
+import sys
+
+from .. import config, units
+from ..vocab import Exit
+from ..client import CliError
+from .common import Parser, UsageError, converted, whole_number
+
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def parser():
+    p = Parser(prog="cmdaemon", description="Run cm's head or compute daemon.")
+    p.add_argument("--role", required=True, choices=("head", "compute"), help="which daemon this node runs")
+    p.add_argument("--name", help="compute: this node's name (default: the host name)")
+    p.add_argument("--cpus", type=whole_number(1), help="compute: CPUs to offer (default: what affinity and cgroup allow)")
+    p.add_argument("--mem", type=converted(units.parse_mem), help="compute: memory to offer, e.g. 4G (default: measured)")
+    return p
+
+
+def main(argv):
+    args = parser().parse_args(argv)
+    cfg = config.load()
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.role == "head":
+        if args.name or args.cpus or args.mem is not None:
+            raise UsageError("--name, --cpus and --mem are for --role compute")
+        from ..head import serve
+        from ..store import Store, StoreError
+        try:
+            serve(cfg, Store(cfg.database_url))
+        except StoreError as e:
+            raise CliError(f"the database at {cfg.database_url} is unavailable: {e}") from None
+        return Exit.OK
+    name = args.name or socket.gethostname().split(".")[0]
+    if not NODE_NAME.fullmatch(name):
+        raise UsageError(f"--name: {name!r} is not a node name (letters, digits, '.', '_', '-'; at most 63)")
+    from .. import resources
+    from ..compute import serve
+    serve(cfg, name, args.cpus or resources.cpu_count(),
+          args.mem if args.mem is not None else resources.memory_mb())
+    return Exit.OK
+
+
+def cli():
+    from .common import run
+    run("cmdaemon", main)

@@ -1,0 +1,105 @@
+"""cminfo: the cluster's nodes, their resources, and the job queue.
+
+    cminfo                 nodes, totals, and the pending and running jobs
+    cminfo --all           ended jobs too
+    cminfo -j 7 --json     one job, as JSON for scripts
+"""
+import json
+import time
+
+from .. import config, units
+from ..client import CliError, request
+from ..vocab import Exit, Op
+from .common import Parser, UsageError, run
+
+
+def parser():
+    p = Parser(prog="cminfo", description="Show nodes, resources and jobs.")
+    p.add_argument("--nodes", action="store_true", help="only the nodes")
+    p.add_argument("--jobs", action="store_true", help="only the jobs")
+    p.add_argument("--all", action="store_true", help="ended jobs too")
+    p.add_argument("-j", "--job", action="append", default=[], metavar="JOBID",
+                   help="only these jobs (repeat, or separate with commas)")
+    p.add_argument("--json", action="store_true", help='one JSON document {"nodes": [...], "jobs": [...]}')
+    return p
+
+
+def job_ids(texts):
+    ids = []
+    for text in texts:
+        for part in text.split(","):
+            if not part.strip().isdigit():
+                raise UsageError(f"-j: {part!r} is not a job id")
+            ids.append(int(part))
+    return ids
+
+
+def table(rows, headers):
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows])
+
+
+def node_lines(nodes):
+    rows = [(n["name"], n["status"], f"{n['alloc_cpus']}/{n['cpus']}",
+             f"{units.format_mem(n['alloc_mem_mb'])}/{units.format_mem(n['mem_mb'])}",
+             units.format_mem(n["mem_used_mb"]), f"{n['load']:.2f}",
+             ",".join(map(str, n["jobs"])) or "-", n["reason"] or "")
+            for n in nodes]
+    out = table(rows, ("NODE", "STATE", "CPUS(A/T)", "MEM(A/T)", "MEM USED", "LOAD", "JOBS", "REASON"))
+    up = [n for n in nodes if n["state"] == "UP"]
+    total = sum(n["cpus"] for n in up)
+    alloc = sum(n["alloc_cpus"] for n in up)
+    mem = sum(n["mem_mb"] for n in up)
+    mem_alloc = sum(n["alloc_mem_mb"] for n in up)
+    out += (f"\nTOTAL: {len(up)} up, {len(nodes) - len(up)} down; CPUs {alloc}/{total} allocated, "
+            f"{total - alloc} free; memory {units.format_mem(mem_alloc)}/{units.format_mem(mem)} allocated")
+    return out
+
+
+def job_lines(jobs):
+    rows = []
+    for j in jobs:
+        if j["state"] == "PENDING":
+            where = f"({j['reason']})" if j["reason"] else ""
+        else:
+            where = ",".join(j["node_list"])
+            if j["reason"] and j["state"] not in ("RUNNING", "COMPLETED"):
+                where += f" ({j['reason']})"
+        exit_code = "-" if j["state"] in ("PENDING", "RUNNING") else f"{j['exit_code']}:{j['exit_signal'] or 0}"
+        rows.append((j["id"], j["user"], j["name"][:20], j["state"], j["nodes"], j["ntasks"],
+                     units.format_duration(j["elapsed"]), units.format_time_limit(j["time_limit"]),
+                     exit_code, where))
+    return table(rows, ("JOBID", "USER", "NAME", "STATE", "NODES", "TASKS", "ELAPSED", "LIMIT", "EXIT", "NODELIST(REASON)"))
+
+
+def main(argv):
+    args = parser().parse_args(argv)
+    ids = job_ids(args.job)
+    if args.nodes or args.jobs:           # either or both, as asked
+        want_nodes, want_jobs = args.nodes, args.jobs or args.all or bool(ids)
+    else:                                 # -j alone shows just those jobs; otherwise everything
+        want_nodes, want_jobs = not ids, True
+    settings = config.load()
+    fields = {"nodes": want_nodes, "jobs": want_jobs}
+    if ids:
+        fields["job_ids"] = ids
+    if args.all:
+        fields["all"] = True
+    reply = request(settings, Op.INFO, **fields)
+    if args.json:
+        print(json.dumps({"nodes": reply["nodes"], "jobs": reply["jobs"]}, indent=1, sort_keys=True))
+    else:
+        parts = []
+        if want_nodes:
+            parts.append(node_lines(reply["nodes"]) if reply["nodes"] else "no compute nodes have registered")
+        if want_jobs:
+            if reply["jobs"] or not ids:
+                parts.append(job_lines(reply["jobs"]) if reply["jobs"] else "no jobs")
+        print("\n\n".join(parts))
+    if reply["missing"]:
+        raise CliError("no such job: " + ", ".join(map(str, reply["missing"])))
+    return Exit.OK
+
+
+def cli():
+    run("cminfo", main)

@@ -1,0 +1,168 @@
+"""The head's endpoint for the CLI: a Unix stream socket served inside the
+head's event loop, without threads.
+
+One request per connection: a JSON object on one line. The reply is one JSON
+line; a request may get a second, later line (cmrun --wait: the job id now,
+the job's end when it comes). Who the caller is comes from the kernel
+(SO_PEERCRED), never from the request. A connection that sends nothing
+complete in time, too much, or garbage gets an error line and is closed;
+the server keeps serving.
+"""
+import json
+import logging
+import os
+import socket
+import struct
+
+from zmq import POLLIN as _POLLIN, POLLOUT as _POLLOUT
+
+from .vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+
+log = logging.getLogger("cm.cli")
+
+_PEERCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
+
+
+class Caller:
+    """One CLI connection: who is calling, what they sent, what is left to send."""
+
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.fd = sock.fileno()
+        pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.inbuf = b""
+        self.outbuf = b""
+        self.deadline = deadline        # None once a request is read: the head answers when it can
+        self.close_when_sent = False
+        self.closed = False
+
+    def __repr__(self):
+        return f"<caller pid={self.pid} uid={self.uid}>"
+
+
+class CliServer:
+    def __init__(self, path, poller, on_request, timeout, clock):
+        """on_request(caller, line_bytes) is called once per connection."""
+        self.path, self.poller, self.on_request = path, poller, on_request
+        self.timeout, self.clock = timeout, clock
+        self.callers = {}
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)          # a socket left by a head that died; we are the head now
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        os.chmod(path, 0o666)        # anyone may ask; the kernel tells us who asked
+        self.listener.listen(256)
+        self.listener.setblocking(False)
+        poller.register(self.listener.fileno(), _POLLIN)
+
+    def owns(self, fd):
+        return fd == self.listener.fileno() or fd in self.callers
+
+    def handle(self, fd, events):
+        if fd == self.listener.fileno():
+            self._accept()
+            return
+        caller = self.callers.get(fd)
+        if caller is None:
+            return
+        if events & _POLLIN:
+            self._read(caller)
+        if events & _POLLOUT and not caller.closed:
+            self._flush(caller)
+
+    def reply(self, caller, body, last=True):
+        """Send one JSON line; close after it unless more will follow."""
+        if caller.closed:
+            return
+        body = {"v": PROTOCOL_VERSION, **body}
+        caller.outbuf += json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        caller.close_when_sent = last
+        self._flush(caller)
+
+    def next_deadline(self):
+        deadlines = [c.deadline for c in self.callers.values() if c.deadline is not None]
+        return min(deadlines, default=None)
+
+    def expire(self, now):
+        for caller in [c for c in self.callers.values() if c.deadline is not None and c.deadline <= now]:
+            log.warning("%r sent no complete request in %.1fs; closing", caller, self.timeout)
+            self.reply(caller, {"ok": False, "error": "no complete request received in time"})
+            self.close(caller)
+
+    def close(self, caller):
+        if caller.closed:
+            return
+        caller.closed = True
+        self.callers.pop(caller.fd, None)
+        try:
+            self.poller.unregister(caller.fd)
+        except KeyError:
+            pass
+        caller.sock.close()
+
+    def shutdown(self):
+        for caller in list(self.callers.values()):
+            self.close(caller)
+        self.poller.unregister(self.listener.fileno())
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    # ---- internals ----
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:         # out of descriptors, say: keep serving the others
+                log.error("accept failed: %s", e)
+                return
+            sock.setblocking(False)
+            caller = Caller(sock, self.clock() + self.timeout)
+            self.callers[caller.fd] = caller
+            self.poller.register(caller.fd, _POLLIN)
+
+    def _read(self, caller):
+        try:
+            chunk = caller.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:                    # the caller went away (or gave up waiting)
+            self.close(caller)
+            return
+        if caller.deadline is None:      # a request was read already; ignore anything more
+            return
+        caller.inbuf += chunk
+        line, newline, _ = caller.inbuf.partition(b"\n")
+        if not newline:
+            if len(caller.inbuf) > MAX_MESSAGE_BYTES:
+                log.warning("%r sent over %d bytes without a newline; closing", caller, MAX_MESSAGE_BYTES)
+                self.reply(caller, {"ok": False, "error": f"request over {MAX_MESSAGE_BYTES} bytes"})
+            return
+        caller.deadline, caller.inbuf = None, b""
+        self.on_request(caller, line)
+
+    def _flush(self, caller):
+        try:
+            while caller.outbuf:
+                sent = caller.sock.send(caller.outbuf)
+                caller.outbuf = caller.outbuf[sent:]
+        except (BlockingIOError, InterruptedError):
+            self.poller.modify(caller.fd, _POLLIN | _POLLOUT)
+            return
+        except OSError:                  # the caller went away; nothing more to tell it
+            self.close(caller)
+            return
+        self.poller.modify(caller.fd, _POLLIN)
+        if caller.close_when_sent:
+            self.close(caller)

@@ -1,0 +1,223 @@
+"""The compute daemon: one per node. It registers with the head, heartbeats,
+runs the tasks it is sent, stops them when asked or when they overrun, and
+reports every task's end until the head acknowledges it.
+
+Liveness runs both ways: the head answers every heartbeat, and a head that
+stays silent for node_timeout is given up on: the socket is closed (linger
+0) and a new one registers again, after a pause that doubles up to
+reconnect_max (Paranoid Pirate). Registering says which tasks still run and
+which ended unacknowledged, so nothing is lost across a head restart.
+"""
+import logging
+import os
+import signal
+import time
+
+import zmq
+
+from . import messages
+from .messages import BadMessage
+from .resources import Usage
+from .tasks import Runner
+from .vocab import Op
+
+log = logging.getLogger("cm.compute")
+
+
+class Compute:
+    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic):
+        self.cfg, self.name, self.cpus, self.mem_mb, self.clock = cfg, name, cpus, mem_mb, clock
+        self.endpoint = f"tcp://{cfg.head_host}:{cfg.head_port}"
+        self.heartbeat_interval = cfg.heartbeat_interval
+        self.head_timeout = cfg.node_timeout
+        self.runner = Runner(name, cfg.kill_grace, clock)
+        self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
+        self.usage = Usage()
+        self.socket = None
+        self.welcomed = False
+        self.backoff = cfg.heartbeat_interval
+        self.stopping = False
+        self.handlers = {
+            Op.WELCOME: self.on_welcome,
+            Op.HEARTBEAT_ACK: lambda msg: None,
+            Op.REGISTER_AGAIN: self.on_register_again,
+            Op.LAUNCH: self.on_launch,
+            Op.KILL: self.on_kill,
+            Op.ENDED_ACK: self.on_ended_ack,
+        }
+
+    # ------------------------------------------------------------------ start and stop
+
+    def open(self):
+        self.ctx = zmq.Context.instance()
+        self.poller = zmq.Poller()
+        # Signal handlers only set flags; the wake-up pipe ends the poll.
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # a task ended: wake up and reap
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        self.poller.register(self.wake_r, zmq.POLLIN)
+        self.connect()
+
+    def request_stop(self, signum, frame):
+        self.stopping = True
+
+    def connect(self):
+        if self.socket is not None:
+            self.poller.unregister(self.socket)
+            self.socket.close(0)          # drop whatever was queued for the old connection
+        self.socket = self.ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, self.name.encode("ascii"))
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(self.endpoint)
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.welcomed = False
+        now = self.clock()
+        self.last_heard = now
+        self.next_heartbeat = now
+        self.register()
+        log.info("node %s connecting to the head at %s", self.name, self.endpoint)
+
+    def shutdown(self):
+        """Stop every task (SIGTERM, SIGKILL after the grace), report them, and go."""
+        now = self.clock()
+        self.runner.kill_all(now)
+        deadline = now + self.cfg.kill_grace + 1
+        while self.runner.tasks and self.clock() < deadline:
+            self.runner.enforce(self.clock())
+            self.collect_ended()
+            self.poller.poll(100)
+        self.collect_ended()
+        if self.socket is not None:
+            self.socket.close(0)
+        log.info("node %s stopped", self.name)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self):
+        while not self.stopping:
+            self.step()
+
+    def step(self):
+        now = self.clock()
+        due = [self.next_heartbeat, self.last_heard + self.head_timeout]
+        task_due = self.runner.enforce(now)
+        if task_due is not None:
+            due.append(task_due)
+        timeout = max(0, int((min(due) - now) * 1000) + 1)
+        for item, _ in self.poller.poll(timeout):
+            if item is self.socket:
+                self.drain_head()
+            elif item == self.wake_r:
+                try:
+                    while os.read(self.wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+        self.collect_ended()
+        now = self.clock()
+        if now - self.last_heard >= self.head_timeout:
+            self.reconnect(now)
+        elif now >= self.next_heartbeat:
+            # Until welcomed, nothing is sent again: a second Register crossing a
+            # Launch would make the head think the launched task was lost. A head
+            # that never answers is handled by the reconnect above.
+            if self.welcomed:
+                self.send(messages.Heartbeat(**self.usage.sample()))
+            self.next_heartbeat = now + self.heartbeat_interval
+
+    def reconnect(self, now):
+        log.warning("node %s: no word from the head for %.1fs; reconnecting in %.1fs",
+                    self.name, now - self.last_heard, self.backoff)
+        self.sleep_awake(self.backoff)
+        self.backoff = min(self.backoff * 2, self.cfg.reconnect_max)
+        self.connect()
+
+    def sleep_awake(self, seconds):
+        """Pause without missing task ends or a stop request."""
+        deadline = self.clock() + seconds
+        while not self.stopping and self.clock() < deadline:
+            self.poller.poll(max(1, int((deadline - self.clock()) * 1000)))
+            self.collect_ended()
+
+    def drain_head(self):
+        while True:
+            try:
+                payload = self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_heard = self.clock()
+            try:
+                msg = messages.decode(payload, messages.HEAD_TO_COMPUTE)
+            except BadMessage as e:
+                log.warning("dropped a bad message from the head: %s", e)
+                continue
+            try:
+                self.handlers[msg.OP](msg)
+            except Exception:              # a bug must not stop the node
+                log.exception("error handling %r", msg)
+
+    def send(self, msg):
+        try:
+            self.socket.send(msg.encode(), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("the head's queue is full; %s not sent (it is resent on registering)", msg.OP)
+
+    # ------------------------------------------------------------------ messages
+
+    def register(self):
+        running = [{"job": j, "attempt": a, "rank": r} for j, a, r in self.runner.running_keys()]
+        self.send(messages.Register(name=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
+                                    running=running, ended=list(self.unacked.values())))
+
+    def on_register_again(self, msg):
+        if self.welcomed:                 # else a Register is on its way already
+            self.welcomed = False
+            self.register()
+
+    def on_welcome(self, msg):
+        if not self.welcomed:
+            log.info("node %s registered with the head", self.name)
+        self.welcomed = True
+        self.backoff = self.cfg.heartbeat_interval
+        self.heartbeat_interval, self.head_timeout = msg.heartbeat_interval, msg.node_timeout
+
+    def on_launch(self, msg):
+        log.info("job %d: starting ranks %s", msg.job, _span(msg.ranks))
+        self.report(self.runner.launch(msg))
+
+    def on_kill(self, msg):
+        log.info("job %d: stopping (%s)", msg.job, msg.reason)
+        self.runner.kill_job(msg.job, msg.attempt, self.clock())
+
+    def on_ended_ack(self, msg):
+        for k in msg.keys:
+            self.unacked.pop((k["job"], k["attempt"], k["rank"]), None)
+
+    def collect_ended(self):
+        self.report(self.runner.reap())
+
+    def report(self, reports):
+        if not reports:
+            return
+        for r in reports:
+            self.unacked[(r["job"], r["attempt"], r["rank"])] = r
+        if self.socket is not None:
+            self.send(messages.TaskEnded(ended=reports))
+
+
+def _span(ranks):
+    return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
+
+
+def serve(cfg, name, cpus, mem_mb):
+    """Run a compute daemon until SIGTERM or SIGINT."""
+    node = Compute(cfg, name, cpus, mem_mb)
+    node.open()
+    try:
+        node.run()
+    finally:
+        node.shutdown()

@@ -1,0 +1,140 @@
+"""cm's settings: what each one is, how it is checked, and where its value
+comes from (cm/etc/cm.conf, then the file named by CM_CONFIG, then CM_<NAME>
+environment variables). The defaults and their meanings live in cm.conf;
+this module holds their types. Kept free of heavy imports: the CLI loads it.
+"""
+import os
+
+from . import units
+
+DEFAULT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "cm.conf")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or has a bad value; the message says which and how to fix it."""
+
+
+def _seconds(text):
+    value = float(text)
+    if not 0 < value < 1e6:
+        raise ValueError
+    return value
+
+
+def _count(minimum):
+    def check(text):
+        value = int(text)
+        if value < minimum:
+            raise ValueError
+        return value
+    return check
+
+
+def _port(text):
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError
+    return value
+
+
+def _text(text):
+    if not text:
+        raise ValueError
+    return text
+
+
+def _url(text):
+    if not text.startswith(("mongodb://", "mongodb+srv://")):
+        raise ValueError
+    return text
+
+
+def _level(text):
+    if text.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError
+    return text.lower()
+
+
+SECONDS = (_seconds, "a number of seconds > 0")
+
+# name -> (the function that turns its text into a checked value, what it wants).
+SCHEMA = {
+    "database_url": (_url, "a mongodb:// URL"),
+    "socket": (_text, "the path of a Unix socket"),
+    "head_host": (_text, "a host name or address"),
+    "head_port": (_port, "a port number from 1 to 65535"),
+    "head_bind": (_text, "an address such as 127.0.0.1 or 0.0.0.0"),
+    "heartbeat_interval": SECONDS,
+    "node_timeout": SECONDS,
+    "reconnect_max": SECONDS,
+    "kill_grace": SECONDS,
+    "request_timeout": SECONDS,
+    "default_nodes": (_count(1), "a whole number >= 1"),
+    "default_procs_per_node": (_count(1), "a whole number >= 1"),
+    "default_cpus_per_proc": (_count(1), "a whole number >= 1"),
+    "default_mem": (units.parse_mem, "a size such as 512M or 4G (0: none)"),
+    "default_time": (units.parse_time_limit, units.TIME_FORMS + " (0: unlimited)"),
+    "default_retries": (_count(0), "a whole number >= 0"),
+    "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
+    "log_level": (_level, "debug, info, warning or error"),
+}
+
+
+class Config:
+    """Checked settings as attributes (config.heartbeat_interval, ...)."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def read_file(path):
+    """The raw "name = value" pairs of a settings file, checked for form and names."""
+    pairs = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read settings file {path}: {e.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep:
+            raise ConfigError(f"{path}:{number}: want 'name = value', got {line!r}")
+        if name not in SCHEMA:
+            raise ConfigError(f"{path}:{number}: unknown setting {name!r} (known: {', '.join(sorted(SCHEMA))})")
+        pairs[name] = (value, f"{path}:{number}")
+    return pairs
+
+
+def load(environ=None, path=DEFAULT_FILE):
+    """All settings, checked. Raises ConfigError naming the bad one and where it came from."""
+    environ = os.environ if environ is None else environ
+    raw = read_file(path)
+    missing = sorted(set(SCHEMA) - set(raw))
+    if missing:
+        raise ConfigError(f"{path}: missing settings: {', '.join(missing)}")
+    site = environ.get("CM_CONFIG")
+    if site:
+        raw.update(read_file(site))
+    for name in SCHEMA:
+        env_name = "CM_" + name.upper()
+        if env_name in environ:
+            raw[name] = (environ[env_name].strip(), f"environment variable {env_name}")
+    values = {}
+    for name, (check, want) in SCHEMA.items():
+        text, origin = raw[name]
+        try:
+            values[name] = check(text)
+        except ValueError:
+            raise ConfigError(f"setting {name} = {text!r} (from {origin}): want {want}") from None
+    if values["node_timeout"] <= values["heartbeat_interval"]:
+        raise ConfigError(
+            f"node_timeout ({values['node_timeout']}) must be longer than heartbeat_interval "
+            f"({values['heartbeat_interval']}), or every node would be marked DOWN between heartbeats")
+    return Config(values)

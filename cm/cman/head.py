@@ -1,0 +1,638 @@
+"""The head daemon: the cluster's only writer of state and its scheduler.
+
+It serves two endpoints in one event loop: a ZeroMQ ROUTER where compute
+daemons register, heartbeat and report task ends, and a Unix socket for the
+CLI (cliserver). Nodes and jobs live in memory and every change is written
+through to MongoDB by _id; heartbeats stay in memory.
+
+Where to look:
+  a job is placed    schedule() -> placement.place(), run after any event
+                     that can change the answer (submit, node ready, task
+                     ended, node lost, cancel), never on a timer
+  a job is launched  start_job() -> a Launch message to each of its nodes
+  a job is reaped    on_task_ended() -> finish_job() once every task has
+                     been reported ended
+  a node is lost     expire_nodes() -> node_lost()
+"""
+import bisect
+import collections
+import heapq
+import logging
+import os
+import pwd
+import signal
+import time
+
+import zmq
+
+from . import jobs as lifecycle
+from . import messages, placement
+from .cliserver import CliServer
+from .jobs import Job
+from .messages import BadMessage
+from .store import StoreError
+from .vocab import EndCause, JobState, NodeState, Op, PendingReason
+
+log = logging.getLogger("cm.head")
+
+# Messages taken from the compute socket in one go before the loop looks at
+# its other work (CLI requests, expiries, a placement pass).
+BATCH = 500
+# Remembered replies to CLI requests, so that a retried request gets its first answer.
+REPLIES_KEPT = 10000
+
+
+class Node:
+    """A compute node as the head sees it. Allocation and usage live only in memory."""
+
+    def __init__(self, name, cpus, mem_mb, state=NodeState.DOWN, reason="", state_since=None):
+        self.name, self.cpus, self.mem_mb = name, cpus, mem_mb
+        self.state, self.reason, self.state_since = state, reason, state_since
+        self.connected = False           # registered with this head process since it started
+        self.last_seen = 0.0             # monotonic time of its last message
+        self.alloc_cpus = self.alloc_mem_mb = 0
+        self.jobs = set()                # ids of jobs with tasks here
+        self.load = self.cpu_percent = 0.0
+        self.mem_used_mb = 0
+
+    @property
+    def ready(self):
+        """May receive work: up, and talking to this head."""
+        return self.state == NodeState.UP and self.connected
+
+    def status(self):
+        if self.state == NodeState.DOWN:
+            return "down"
+        if not self.connected:
+            return "unknown"             # up before the head restarted; not heard from since
+        if self.alloc_cpus == 0:
+            return "idle"
+        return "alloc" if self.alloc_cpus >= self.cpus else "mixed"
+
+    def view(self):
+        return {
+            "name": self.name, "state": self.state, "status": self.status(), "reason": self.reason,
+            "cpus": self.cpus, "alloc_cpus": self.alloc_cpus,
+            "mem_mb": self.mem_mb, "alloc_mem_mb": self.alloc_mem_mb, "mem_used_mb": self.mem_used_mb,
+            "load": round(self.load, 2), "cpu_percent": round(self.cpu_percent, 1),
+            "jobs": sorted(self.jobs), "state_since": self.state_since,
+        }
+
+
+def user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class Head:
+    def __init__(self, cfg, store, clock=time.monotonic, wall=time.time):
+        self.cfg, self.store, self.clock, self.wall = cfg, store, clock, wall
+        self.nodes = {}                  # name -> Node
+        self.jobs = {}                   # id -> Job, for PENDING and RUNNING jobs
+        self.pending = []                # ids of PENDING jobs, in submission order
+        self.ended = collections.OrderedDict()   # id -> Job, the latest ended ones
+        self.waiters = {}                # job id -> callers waiting for its end
+        self.replies = collections.OrderedDict()  # (uid, request id) -> the reply given
+        self.expiry = []                 # heap of (deadline, node name), one per UP node
+        self.unsaved = {}                # (kind, key) -> fields whose write failed; retried
+        self.triggers = set()            # why the next placement pass runs
+        self.next_id = 0
+        self.stopping = False
+        self.compute_handlers = {
+            Op.REGISTER: self.on_register,
+            Op.HEARTBEAT: self.on_heartbeat,
+            Op.TASK_ENDED: self.on_task_ended,
+        }
+        self.cli_handlers = {
+            Op.SUBMIT: self.on_submit,
+            Op.INFO: self.on_info,
+            Op.CANCEL: self.on_cancel,
+            Op.WAIT: self.on_wait,
+        }
+
+    # ------------------------------------------------------------------ start and stop
+
+    def load_state(self):
+        """Rebuild the working set from the database (at start, and after a restart)."""
+        for d in self.store.load_nodes():
+            self.nodes[d["name"]] = Node(d["name"], d["cpus"], d["mem_mb"], d["state"],
+                                         d.get("reason", ""), d.get("state_since"))
+        now = self.clock()
+        for node in self.nodes.values():
+            if node.state == NodeState.UP:
+                # Up when the last head stopped: give it a full time-out to register with us.
+                node.last_seen = now
+                heapq.heappush(self.expiry, (now + self.cfg.node_timeout, node.name))
+        for fields in self.store.load_active_jobs(JobState.ACTIVE):
+            job = Job(**fields)
+            self.jobs[job.id] = job
+            if job.state == JobState.PENDING:
+                self.pending.append(job.id)
+            else:
+                for name in job.outstanding:
+                    self.allocate(job, name)
+        self.next_id = self.store.last_job_id() + 1
+        for node in self.nodes.values():
+            if node.state == NodeState.DOWN and node.jobs:
+                self.fail_tasks_on(node, f"node {node.name} was down when the head started")
+        log.info("loaded %d nodes, %d pending and %d running jobs; next job id %d",
+                 len(self.nodes), len(self.pending), len(self.jobs) - len(self.pending), self.next_id)
+        self.triggers.add("head start")
+
+    def open(self):
+        self.ctx = zmq.Context.instance()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        # MANDATORY: a send to a node that is not connected fails instead of vanishing.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # HANDOVER: a node that reconnects under its old identity takes it over;
+        # without it the new connection would be silently ignored.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.router.bind(f"tcp://{self.cfg.head_bind}:{self.cfg.head_port}")
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.cli = CliServer(self.cfg.socket, self.poller, self.on_cli_request,
+                             self.cfg.request_timeout, self.clock)
+        # Signal handlers only set a flag; the wake-up pipe ends the poll.
+        self.wake_r, wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        self.poller.register(self.wake_r, zmq.POLLIN)
+        log.info("head serving nodes on tcp://%s:%d and the CLI on %s",
+                 self.cfg.head_bind, self.cfg.head_port, self.cfg.socket)
+
+    def request_stop(self, signum, frame):
+        self.stopping = True
+
+    def close(self):
+        self.cli.shutdown()
+        self.router.close(0)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self):
+        while not self.stopping:
+            self.step()
+        log.info("head stopping")
+
+    def step(self):
+        timeout = self.poll_timeout()
+        for item, events in self.poller.poll(timeout):
+            if item is self.router:
+                self.drain_compute()
+            elif item == self.wake_r:
+                self.drain_wakeups()
+            elif self.cli.owns(item):
+                self.cli.handle(item, events)
+        now = self.clock()
+        self.expire_nodes(now)
+        self.cli.expire(now)
+        if self.unsaved:
+            self.flush_unsaved()
+        if self.triggers:
+            self.schedule()
+
+    def poll_timeout(self):
+        """Milliseconds until the next thing that is due, or None to wait for traffic."""
+        deadlines = [d for d in (self.expiry[0][0] if self.expiry else None, self.cli.next_deadline())
+                     if d is not None]
+        if self.unsaved:
+            deadlines.append(self.clock() + 1.0)     # retry failed writes each second
+        if not deadlines:
+            return None
+        return max(0, int((min(deadlines) - self.clock()) * 1000) + 1)
+
+    def drain_wakeups(self):
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def drain_compute(self):
+        for _ in range(BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.on_compute_frames(frames)
+
+    def on_compute_frames(self, frames):
+        if len(frames) != 2:
+            log.warning("dropped a compute frame set of %d parts (want identity and one message)", len(frames))
+            return
+        identity, payload = frames
+        try:
+            name = identity.decode("ascii")
+            msg = messages.decode(payload, messages.COMPUTE_TO_HEAD)
+        except (UnicodeDecodeError, BadMessage) as e:
+            log.warning("dropped a bad message from node %r: %s", identity[:64], e)
+            return
+        if msg.OP == Op.REGISTER and msg.name != name:
+            log.warning("dropped register of %r arriving as identity %r", msg.name, name)
+            return
+        try:
+            self.compute_handlers[msg.OP](name, msg)
+        except Exception:                 # a bug must not take the head down with it
+            log.exception("error handling %r from %s", msg, name)
+
+    def send(self, name, msg):
+        try:
+            self.router.send_multipart([name.encode("ascii"), msg.encode()], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:         # not connected (EHOSTUNREACH) or its queue is full
+            log.warning("could not send %s to node %s: %s", msg.OP, name, e)
+            return False
+
+    # ------------------------------------------------------------------ compute daemons
+
+    def on_register(self, name, msg):
+        node = self.nodes.get(name)
+        if node is None:
+            node = self.nodes[name] = Node(name, msg.cpus, msg.mem_mb)
+        changed = {}
+        if (node.cpus, node.mem_mb) != (msg.cpus, msg.mem_mb):
+            node.cpus, node.mem_mb = msg.cpus, msg.mem_mb
+            changed.update(cpus=msg.cpus, mem_mb=msg.mem_mb)
+        now = self.clock()
+        node.last_seen = now
+        node.connected = True
+        if node.state != NodeState.UP:
+            # DOWN -> UP: it is back (or new); it gets work on the next pass.
+            node.state, node.reason, node.state_since = NodeState.UP, "", self.wall()
+            changed.update(state=node.state, reason="", state_since=node.state_since)
+            heapq.heappush(self.expiry, (now + self.cfg.node_timeout, name))
+        if changed:
+            changed.setdefault("cpus", node.cpus)
+            changed.setdefault("mem_mb", node.mem_mb)
+            changed.setdefault("state", node.state)
+            self.write("node", name, changed)
+        self.triggers.add(f"node {name} ready")
+        log.info("node %s registered: %d CPUs, %d MiB, running %d tasks, reporting %d ended",
+                 name, msg.cpus, msg.mem_mb, len(msg.running), len(msg.ended))
+        self.send(name, messages.Welcome(heartbeat_interval=self.cfg.heartbeat_interval,
+                                         node_timeout=self.cfg.node_timeout))
+        self.reconcile(node, msg.running, msg.ended)
+
+    def reconcile(self, node, running, ended):
+        """After a (re)registration: match what the node runs with what the head expects."""
+        if ended:
+            self.on_task_ended(node.name, messages.TaskEnded(ended=ended))
+        running = {(k["job"], k["attempt"], k["rank"]) for k in running}
+        lost = []
+        for job_id in sorted(node.jobs):
+            job = self.jobs[job_id]
+            for rank in sorted(job.outstanding.get(node.name, ())):
+                if (job.id, job.attempt, rank) not in running:
+                    lost.append({"job": job.id, "attempt": job.attempt, "rank": rank, "cause": EndCause.LOST,
+                                 "exit_code": None, "signal": None, "message": "not running on its node"})
+        if lost:
+            log.warning("node %s does not have %d tasks the head expected; they are lost", node.name, len(lost))
+            self.apply_task_ends(node.name, lost)
+        strays = set()
+        for job_id, attempt, rank in running:
+            job = self.jobs.get(job_id)
+            if job is None or job.attempt != attempt or rank not in job.outstanding.get(node.name, ()):
+                strays.add((job_id, attempt))
+        for job_id, attempt in sorted(strays):
+            log.warning("node %s runs tasks of job %d attempt %d that should not run; killing them",
+                        node.name, job_id, attempt)
+            self.send(node.name, messages.Kill(job=job_id, attempt=attempt, reason="not expected by the head"))
+
+    def on_heartbeat(self, name, msg):
+        node = self.nodes.get(name)
+        if node is None or not node.connected or node.state != NodeState.UP:
+            # DOWN, or unknown to this head process: it must say again what it runs.
+            self.send(name, messages.RegisterAgain())
+            return
+        node.last_seen = self.clock()
+        node.load, node.cpu_percent, node.mem_used_mb = msg.load, msg.cpu_percent, msg.mem_used_mb
+        self.send(name, messages.HeartbeatAck())
+
+    def on_task_ended(self, name, msg):
+        node = self.nodes.get(name)
+        if node is None or not node.connected:
+            self.send(name, messages.RegisterAgain())    # it resends these when it registers
+            return
+        node.last_seen = self.clock()
+        self.apply_task_ends(name, msg.ended)
+        keys = [{"job": r["job"], "attempt": r["attempt"], "rank": r["rank"]} for r in msg.ended]
+        self.send(name, messages.EndedAck(keys=keys))
+
+    def apply_task_ends(self, node_name, reports):
+        touched = {}
+        for r in reports:
+            job = self.jobs.get(r["job"])
+            if job is None or job.state != JobState.RUNNING or job.attempt != r["attempt"]:
+                continue                  # stale: an earlier attempt, or a job already ended
+            if not lifecycle.record_task_end(job, node_name, r["rank"], r["cause"], r["exit_code"], r["signal"]):
+                continue                  # a repeat of a report already counted
+            touched[job.id] = job
+            if r["cause"] == EndCause.TIMEOUT:
+                job.reason = f"time limit of {job.time_limit}s reached"
+            elif r["cause"] in (EndCause.LAUNCH_FAILED, EndCause.LOST) and r["message"]:
+                job.reason = f"rank {r['rank']} on {node_name}: {r['message']}"
+            if r["cause"] == EndCause.LOST:
+                self.doom(job, lifecycle.fate_after_node_loss(job), f"rank {r['rank']} lost on {node_name}")
+        for job in touched.values():
+            if node_name not in job.outstanding and job.id in self.nodes[node_name].jobs:
+                self.release(job, node_name)
+            if job.outstanding:
+                self.write("job", job.id, {f: getattr(job, f) for f in ("exit_code", "exit_signal", "ended_ranks")})
+            else:
+                self.finish_job(job)
+
+    def expire_nodes(self, now):
+        while self.expiry and self.expiry[0][0] <= now:
+            _, name = heapq.heappop(self.expiry)
+            node = self.nodes[name]
+            if node.state != NodeState.UP:
+                continue
+            due = node.last_seen + self.cfg.node_timeout
+            if due > now:
+                heapq.heappush(self.expiry, (due, name))
+                continue
+            self.node_lost(node, f"silent for {now - node.last_seen:.1f}s")
+
+    def node_lost(self, node, why):
+        # UP -> DOWN: its tasks are gone; each of their jobs is requeued or ends NODE_FAIL.
+        log.warning("node %s DOWN: %s", node.name, why)
+        node.state, node.reason, node.state_since = NodeState.DOWN, why, self.wall()
+        node.connected = False
+        self.write("node", node.name, {"state": node.state, "reason": why, "state_since": node.state_since,
+                                       "cpus": node.cpus, "mem_mb": node.mem_mb})
+        self.fail_tasks_on(node, f"node {node.name} lost: {why}")
+        self.triggers.add(f"node {node.name} lost")
+
+    def fail_tasks_on(self, node, why):
+        for job_id in sorted(node.jobs):
+            job = self.jobs[job_id]
+            fate = lifecycle.fate_after_node_loss(job)
+            log.info("job %d: %s; rule: %s", job.id, why,
+                     "requeue (retries left)" if fate == lifecycle.REQUEUE else "NODE_FAIL (no retries left)")
+            self.doom(job, fate, why)
+            lost = [{"job": job.id, "attempt": job.attempt, "rank": rank, "cause": EndCause.LOST,
+                     "exit_code": None, "signal": None, "message": ""}
+                    for rank in sorted(job.outstanding.get(node.name, ()))]
+            self.apply_task_ends(node.name, lost)
+
+    # ------------------------------------------------------------------ jobs
+
+    def allocate(self, job, name):
+        node = self.nodes.get(name)
+        if node is None:                  # a running job on a node the database forgot
+            node = self.nodes[name] = Node(name, placement.cpus_per_node(job), job.mem_mb)
+        node.alloc_cpus += placement.cpus_per_node(job)
+        node.alloc_mem_mb += job.mem_mb
+        node.jobs.add(job.id)
+
+    def release(self, job, name):
+        node = self.nodes[name]
+        node.alloc_cpus -= placement.cpus_per_node(job)
+        node.alloc_mem_mb -= job.mem_mb
+        node.jobs.discard(job.id)
+        self.triggers.add(f"resources freed on {name}")
+
+    def schedule(self):
+        why = ", ".join(sorted(self.triggers))
+        self.triggers.clear()
+        if not self.pending:
+            return
+        free = {n.name: (n.cpus - n.alloc_cpus, n.mem_mb - n.alloc_mem_mb)
+                for n in self.nodes.values() if n.ready}
+        placements, waiting = placement.place([self.jobs[i] for i in self.pending], free)
+        for job, names in placements:
+            self.start_job(job, names)
+        if placements:
+            started = {job.id for job, _ in placements}
+            self.pending = [i for i in self.pending if i not in started]
+        for job_id, reason in waiting.items():
+            job = self.jobs[job_id]
+            if not (reason == PendingReason.PRIORITY and job.reason == PendingReason.REQUEUED):
+                job.reason = reason       # shown by cminfo; not worth a database write
+        log.debug("placement pass (%s): %d started, %d waiting", why, len(placements), len(self.pending))
+
+    def start_job(self, job, names):
+        job.node_list = names
+        # PENDING -> RUNNING
+        changed = lifecycle.transition(job, JobState.RUNNING, self.wall())
+        for name in names:
+            self.allocate(job, name)
+        self.write("job", job.id, {f: getattr(job, f) for f in changed})
+        common = dict(job=job.id, attempt=job.attempt, name=job.name, nnodes=job.nodes, ntasks=job.ntasks,
+                      nodelist=names, argv=job.argv, workdir=job.workdir, env=job.env,
+                      uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit)
+        for node_rank, name in enumerate(names):
+            self.send(name, messages.Launch(ranks=job.ranks_on(node_rank), node_rank=node_rank, **common))
+        log.info("job %d started on %s (attempt %d)", job.id, ",".join(names), job.attempt)
+
+    def doom(self, job, fate, why):
+        """Something ends a running job: record it and stop its tasks everywhere."""
+        if not lifecycle.set_fate(job, fate):
+            return
+        job.reason = why
+        for name in sorted(job.outstanding):
+            if self.nodes[name].state == NodeState.UP:
+                self.send(name, messages.Kill(job=job.id, attempt=job.attempt, reason=why))
+
+    def finish_job(self, job):
+        """Every task of a running job has ended."""
+        if job.fate == lifecycle.REQUEUE:
+            # RUNNING -> PENDING: back in the queue in its original place.
+            changed = lifecycle.transition(job, JobState.PENDING, self.wall(), reason=PendingReason.REQUEUED)
+            self.write("job", job.id, {f: getattr(job, f) for f in changed})
+            bisect.insort(self.pending, job.id)
+            self.triggers.add(f"job {job.id} requeued")
+            log.info("job %d requeued (%d retries left)", job.id, job.retries)
+            return
+        # RUNNING -> COMPLETED, FAILED, CANCELLED, TIMEOUT or NODE_FAIL
+        state = lifecycle.final_state(job)
+        reason = job.reason if state != JobState.COMPLETED else ""
+        changed = lifecycle.transition(job, state, self.wall(), reason=reason)
+        self.write("job", job.id, {f: getattr(job, f) for f in changed})
+        self.retire(job)
+
+    def retire(self, job):
+        """A job reached its final state: out of the working set, waiters told."""
+        self.jobs.pop(job.id, None)
+        self.ended[job.id] = job
+        while len(self.ended) > self.cfg.ended_jobs_in_memory:
+            self.ended.popitem(last=False)
+        view = job.view(self.wall())
+        for caller in self.waiters.pop(job.id, ()):
+            self.cli.reply(caller, {"ok": True, "job": view})
+        log.info("job %d %s, exit code %d%s", job.id, job.state, job.exit_code,
+                 f", signal {job.exit_signal}" if job.exit_signal else "")
+
+    def find_job(self, job_id):
+        """A job in memory, or from the database; None if there is no such job."""
+        job = self.jobs.get(job_id) or self.ended.get(job_id)
+        if job is None and 0 <= job_id < self.next_id:
+            fields = self.store.find_job(job_id)
+            job = None if fields is None else Job(**fields)
+        return job
+
+    # ------------------------------------------------------------------ writes
+
+    def write(self, kind, key, fields):
+        """Write a change through; if the database is away, keep it and retry."""
+        pending = self.unsaved.pop((kind, key), None)
+        if pending:
+            fields = {**pending, **fields}
+        try:
+            if kind == "job":
+                self.store.update_job(key, fields)
+            else:
+                self.store.save_node(key, fields)
+        except StoreError as e:
+            self.unsaved[(kind, key)] = fields
+            log.error("database write of %s %s failed (%s); will retry", kind, key, e)
+
+    def flush_unsaved(self):
+        for (kind, key) in list(self.unsaved):
+            if (kind, key) in self.unsaved:
+                self.write(kind, key, {})
+            if (kind, key) in self.unsaved:
+                return                    # still away; try again later
+
+    # ------------------------------------------------------------------ CLI
+
+    def on_cli_request(self, caller, line):
+        try:
+            msg = messages.decode(line, messages.CLI_TO_HEAD)
+        except BadMessage as e:
+            log.warning("bad request from %r: %s", caller, e)
+            self.cli.reply(caller, {"ok": False, "error": f"bad request: {e}"})
+            return
+        key = (caller.uid, msg.request_id)
+        if msg.request_id and key in self.replies:
+            log.info("request %s from uid %d is a retry; answering as before", msg.request_id, caller.uid)
+            self.cli.reply(caller, self.replies[key])
+            return
+        try:
+            self.cli_handlers[msg.OP](caller, msg)
+        except Exception as e:
+            log.exception("error handling %r from %r", msg, caller)
+            self.cli.reply(caller, {"ok": False, "error": f"internal error in the head: {e}"})
+
+    def remember_reply(self, caller, msg, reply):
+        if msg.request_id:
+            self.replies[(caller.uid, msg.request_id)] = reply
+            while len(self.replies) > REPLIES_KEPT:
+                self.replies.popitem(last=False)
+
+    def on_submit(self, caller, msg):
+        cfg = self.cfg
+        job = Job(
+            id=self.next_id, name=msg.get("name", os.path.basename(msg.argv[0])),
+            user=user_name(caller.uid), uid=caller.uid, gid=caller.gid,
+            argv=msg.argv, workdir=msg.workdir, env=msg.env,
+            nodes=msg.get("nodes", cfg.default_nodes),
+            procs_per_node=msg.get("procs_per_node", cfg.default_procs_per_node),
+            cpus_per_proc=msg.get("cpus_per_proc", cfg.default_cpus_per_proc),
+            mem_mb=msg.get("mem_mb", cfg.default_mem),
+            time_limit=msg.get("time_limit", cfg.default_time),
+            retries=msg.get("retries", cfg.default_retries),
+            submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
+        )
+        why = placement.never_fits(job, {n.name: (n.cpus, n.mem_mb) for n in self.nodes.values()})
+        if why:
+            self.cli.reply(caller, {"ok": False, "error": f"job refused: {why}"})
+            return
+        try:
+            self.store.insert_job(job.stored())   # in the database before anyone sees its id
+        except StoreError as e:
+            log.error("job submission refused, the database is unavailable: %s", e)
+            self.cli.reply(caller, {"ok": False, "error": "the cluster's database is unavailable; job not accepted, try again"})
+            return
+        self.next_id += 1
+        self.jobs[job.id] = job
+        self.pending.append(job.id)
+        self.triggers.add("submit")
+        reply = {"ok": True, "job_id": job.id}
+        self.remember_reply(caller, msg, reply)
+        log.info("job %d submitted by %s: %d x %d x %d CPUs, %s", job.id, job.user, job.nodes,
+                 job.procs_per_node, job.cpus_per_proc, " ".join(job.argv)[:200])
+        if msg.get("wait", False):
+            self.waiters.setdefault(job.id, []).append(caller)
+            self.cli.reply(caller, reply, last=False)
+        else:
+            self.cli.reply(caller, reply)
+
+    def on_info(self, caller, msg):
+        now = self.wall()
+        want_nodes, want_jobs = msg.get("nodes", False), msg.get("jobs", False)
+        if not want_nodes and not want_jobs:
+            want_nodes = want_jobs = True
+        reply = {"ok": True, "nodes": [], "jobs": [], "missing": []}
+        if want_nodes:
+            reply["nodes"] = [self.nodes[n].view() for n in sorted(self.nodes, key=placement.node_sort_key)]
+        if want_jobs:
+            if msg.get("job_ids"):
+                for job_id in msg.job_ids:
+                    job = self.find_job(job_id)
+                    if job is None:
+                        reply["missing"].append(job_id)
+                    else:
+                        reply["jobs"].append(job.view(now))
+            elif msg.get("all", False):
+                stored = {f["id"]: Job(**f) for f in self.store.all_jobs()}
+                stored.update(self.ended)
+                stored.update(self.jobs)  # memory is newer than the database
+                reply["jobs"] = [stored[i].view(now) for i in sorted(stored)]
+            else:
+                reply["jobs"] = [self.jobs[i].view(now) for i in sorted(self.jobs)]
+        self.cli.reply(caller, reply)
+
+    def on_cancel(self, caller, msg):
+        results = []
+        for job_id in msg.job_ids:
+            results.append(self.cancel_job(job_id, caller))
+        self.cli.reply(caller, {"ok": True, "results": results})
+
+    def cancel_job(self, job_id, caller):
+        job = self.jobs.get(job_id)
+        if job is None:
+            ended = self.find_job(job_id)
+            why = "no such job" if ended is None else f"already ended ({ended.state})"
+            return {"job_id": job_id, "ok": False, "error": why}
+        if caller.uid not in (0, job.uid):
+            return {"job_id": job_id, "ok": False, "error": f"permission denied: it belongs to {job.user}"}
+        who = user_name(caller.uid)
+        if job.state == JobState.PENDING:
+            # PENDING -> CANCELLED: nothing runs yet, so it ends now.
+            self.pending.remove(job_id)
+            changed = lifecycle.transition(job, JobState.CANCELLED, self.wall(), reason=f"cancelled by {who}")
+            self.write("job", job.id, {f: getattr(job, f) for f in changed})
+            self.retire(job)
+            self.triggers.add(f"job {job_id} cancelled")   # a job behind it may start now
+            return {"job_id": job_id, "ok": True, "state": job.state}
+        # RUNNING: ask its nodes to stop it; it ends CANCELLED when they report.
+        self.doom(job, JobState.CANCELLED, f"cancelled by {who}")
+        log.info("job %d: cancel requested by %s", job_id, who)
+        return {"job_id": job_id, "ok": True, "state": "CANCELLING"}
+
+    def on_wait(self, caller, msg):
+        job = self.find_job(msg.job_id)
+        if job is None:
+            self.cli.reply(caller, {"ok": False, "error": f"job {msg.job_id}: no such job"})
+        elif job.state in JobState.FINAL:
+            self.cli.reply(caller, {"ok": True, "job": job.view(self.wall())})
+        else:
+            self.waiters.setdefault(job.id, []).append(caller)
+
+
+def serve(cfg, store):
+    """Run a head until SIGTERM or SIGINT."""
+    head = Head(cfg, store)
+    head.load_state()
+    head.open()
+    try:
+        head.run()
+    finally:
+        head.close()

@@ -1,0 +1,148 @@
+"""A job's lifecycle, apart from any I/O: its fields, the one function that
+changes its state, and how its result is derived from its tasks' ends.
+
+What was asked (cmkill, a node lost, a time limit) is kept apart from what
+happened (the nodes report each task's end): a RUNNING job records the first
+cause to end it as its `fate`, and reaches a final state only when every task
+has been reported ended, so its CPUs are never freed while a task still runs.
+"""
+from .vocab import EndCause, JobState
+
+# Every allowed change of state.
+ALLOWED = {
+    JobState.PENDING: {JobState.RUNNING, JobState.CANCELLED},
+    JobState.RUNNING: {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
+                       JobState.TIMEOUT, JobState.NODE_FAIL, JobState.PENDING},
+}
+
+# A fate that puts the job back in the queue instead of ending it.
+REQUEUE = "REQUEUE"
+
+# What the database keeps of a job (the rest is rebuilt from these).
+STORED_FIELDS = (
+    "id", "name", "user", "uid", "gid", "argv", "workdir", "env",
+    "nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "retries",
+    "submit_time", "start_time", "end_time", "state", "reason",
+    "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id",
+)
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+class Job:
+    def __init__(self, **fields):
+        self.name = ""
+        self.start_time = self.end_time = None
+        self.state = JobState.PENDING
+        self.reason = ""
+        self.exit_code = 0
+        self.exit_signal = None
+        self.node_list = []
+        self.attempt = 0
+        self.ended_ranks = []
+        self.request_id = None
+        self.__dict__.update(fields)
+        self.fate = None               # first cause to end a RUNNING job (a JobState, or REQUEUE)
+        self.outstanding = {}          # node name -> ranks not yet reported ended
+        if self.state == JobState.RUNNING:
+            self.outstanding = self.unended_ranks_by_node()
+
+    @property
+    def ntasks(self):
+        return self.nodes * self.procs_per_node
+
+    def ranks_on(self, node_rank):
+        first = node_rank * self.procs_per_node
+        return list(range(first, first + self.procs_per_node))
+
+    def unended_ranks_by_node(self):
+        ended = set(self.ended_ranks)
+        layout = {name: set(self.ranks_on(i)) - ended for i, name in enumerate(self.node_list)}
+        return {name: ranks for name, ranks in layout.items() if ranks}
+
+    def stored(self):
+        return {field: getattr(self, field) for field in STORED_FIELDS}
+
+    def view(self, now):
+        """What cminfo shows: the stored fields less the environment, plus elapsed time."""
+        out = self.stored()
+        del out["env"]
+        out["elapsed"] = elapsed(self.start_time, self.end_time, now)
+        out["ntasks"] = self.ntasks
+        return out
+
+
+def elapsed(start, end, now):
+    if start is None:
+        return 0
+    return max(0, int((end or now) - start))
+
+
+def transition(job, new_state, now, reason=""):
+    """The only place a job's state changes; returns the fields that changed."""
+    if new_state not in ALLOWED.get(job.state, ()):
+        raise InvalidTransition(f"job {job.id}: {job.state} -> {new_state} is not allowed")
+    old = job.state
+    job.state, job.reason = new_state, reason
+    if old == JobState.PENDING and new_state == JobState.RUNNING:
+        # PENDING -> RUNNING: placed; the launch goes out to its nodes.
+        job.start_time, job.end_time = now, None
+        job.exit_code, job.exit_signal, job.ended_ranks = 0, None, []
+        job.outstanding = job.unended_ranks_by_node()
+        return {"state", "reason", "start_time", "end_time", "exit_code", "exit_signal", "ended_ranks", "node_list", "attempt"}
+    if new_state == JobState.PENDING:
+        # RUNNING -> PENDING: requeued after losing a node; it runs again as a new attempt.
+        job.attempt += 1
+        job.retries -= 1
+        job.node_list, job.ended_ranks, job.outstanding, job.fate = [], [], {}, None
+        job.start_time = None
+        return {"state", "reason", "attempt", "retries", "node_list", "ended_ranks", "start_time"}
+    # PENDING -> CANCELLED, or RUNNING -> a final state: every task has ended.
+    job.end_time = now
+    job.outstanding = {}
+    return {"state", "reason", "end_time", "exit_code", "exit_signal", "ended_ranks"}
+
+
+def record_task_end(job, node, rank, cause, exit_code, signal):
+    """Fold one task's end into the job. Returns False if the job was not
+    waiting for it (a stale or repeated report)."""
+    ranks = job.outstanding.get(node)
+    if not ranks or rank not in ranks:
+        return False
+    ranks.discard(rank)
+    if not ranks:
+        del job.outstanding[node]
+    job.ended_ranks.append(rank)
+    if exit_code is not None:
+        job.exit_code = max(job.exit_code, exit_code)
+    if signal is not None:
+        job.exit_signal = max(job.exit_signal or 0, signal)
+    if cause == EndCause.TIMEOUT:
+        set_fate(job, JobState.TIMEOUT)
+    elif cause == EndCause.LAUNCH_FAILED and exit_code is None:
+        job.exit_code = max(job.exit_code, 1)
+    return True
+
+
+def set_fate(job, fate):
+    """Record what ends a running job; the first cause wins. Returns True if it was set."""
+    if job.fate is None:
+        job.fate = fate
+        return True
+    return False
+
+
+def fate_after_node_loss(job):
+    """A node running the job is gone: run it again if it has retries left."""
+    return REQUEUE if job.retries > 0 else JobState.NODE_FAIL
+
+
+def final_state(job):
+    """The state a running job ends in once all its tasks have ended."""
+    if job.fate in (JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL):
+        return job.fate
+    if job.exit_code == 0 and job.exit_signal is None:
+        return JobState.COMPLETED
+    return JobState.FAILED

@@ -1,0 +1,209 @@
+"""cmcluster's work: a whole cm cluster as background processes on
+127.0.0.1 (a MongoDB-wire server unless a database URL is given, the head,
+and N compute daemons), recorded in DIR/cluster.json so that `down` and
+`status` find them again. Every process logs to DIR/<name>.log.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import client, config
+from .vocab import NodeState, Op
+
+CM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_DIR = os.path.dirname(CM_DIR)
+CMDAEMON = os.path.join(CM_DIR, "bin", "cmdaemon")
+STATE_FILE = "cluster.json"
+
+
+class ClusterError(Exception):
+    pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_ferretdb():
+    """The cm-ferretdb binary: $CM_FERRETDB, the repository's build, or PATH."""
+    candidates = [os.environ.get("CM_FERRETDB"), os.path.join(REPO_DIR, ".build", "cm-ferretdb"),
+                  shutil.which("cm-ferretdb")]
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            return path
+    raise ClusterError("cm-ferretdb not found: build it with `make ferretdb`, set CM_FERRETDB, "
+                       "or give --database-url of a MongoDB server")
+
+
+def wait_for(predicate, timeout, what, processes=()):
+    """Poll predicate() until it is true; fail early, with its log, if a process died."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while True:
+        if predicate():
+            return
+        for proc in processes:
+            if proc["popen"].poll() is not None:
+                raise ClusterError(f"{proc['name']} exited with status {proc['popen'].returncode} "
+                                   f"while waiting for {what}:\n{log_tail(proc['log'])}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+def log_tail(path, lines=15):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def port_open(port):
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def state_path(directory):
+    return os.path.join(directory, STATE_FILE)
+
+
+def read_state(directory):
+    try:
+        with open(state_path(directory)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"cannot read {state_path(directory)}: {e}") from None
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not alive.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start(name, argv, directory, env):
+    log_path = os.path.join(directory, f"{name}.log")
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 env=env, cwd=directory, start_new_session=True)  # outlives cmcluster and ^C
+    return {"name": name, "pid": popen.pid, "log": log_path, "popen": popen}
+
+
+def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
+    """Start the cluster; returns the environment a CLI needs to talk to it."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    state = read_state(directory)
+    if state and any(alive(p["pid"]) for p in state["processes"]):
+        raise ClusterError(f"a cluster already runs in {directory}; `cmcluster down --dir {directory}` stops it")
+    socket_path = os.path.join(directory, "cm.sock")
+    if len(socket_path.encode()) > 107:
+        raise ClusterError(f"{socket_path} is too long for a Unix socket; choose a shorter --dir")
+    processes = []
+    env = dict(os.environ)
+    try:
+        if database_url is None:
+            db_port = free_port()
+            db = start("db", [find_ferretdb(), "-listen", f"127.0.0.1:{db_port}",
+                              "-dir", os.path.join(directory, "db")], directory, env)
+            processes.append(db)
+            wait_for(lambda: port_open(db_port), timeout, "the database to listen", [db])
+            database_url = f"mongodb://127.0.0.1:{db_port}/cm"
+        env.update(CM_DATABASE_URL=database_url, CM_SOCKET=socket_path, CM_HEAD_HOST="127.0.0.1",
+                   CM_HEAD_BIND="127.0.0.1", CM_HEAD_PORT=str(free_port()))
+        settings = config.load(env)          # fail here, in one line, on a bad setting
+        head = start("head", [sys.executable, CMDAEMON, "--role", "head"], directory, env)
+        processes.append(head)
+        wait_for(lambda: os.path.exists(socket_path), timeout, "the head to listen", [head])
+        for i in range(1, nodes + 1):
+            processes.append(start(f"node{i}", [sys.executable, CMDAEMON, "--role", "compute", "--name", f"node{i}",
+                                                "--cpus", str(cpus), "--mem", f"{mem}M"], directory, env))
+        record(directory, processes, env)
+
+        def all_up():
+            try:
+                reply = client.request(settings, Op.INFO, nodes=True, jobs=False)
+            except client.CliError:
+                return False
+            up_names = {n["name"] for n in reply["nodes"] if n["state"] == NodeState.UP and n["status"] != "unknown"}
+            return all(f"node{i}" in up_names for i in range(1, nodes + 1))
+        wait_for(all_up, timeout, f"{nodes} compute nodes to register", processes)
+    except BaseException:
+        stop_processes(processes)
+        try:
+            os.unlink(state_path(directory))
+        except OSError:
+            pass
+        raise
+    return {"CM_SOCKET": socket_path}
+
+
+def record(directory, processes, env):
+    state = {"processes": [{k: p[k] for k in ("name", "pid", "log")} for p in processes],
+             "env": {k: env[k] for k in ("CM_DATABASE_URL", "CM_SOCKET", "CM_HEAD_PORT")}}
+    tmp = state_path(directory) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, indent=1)
+    os.replace(tmp, state_path(directory))
+
+
+def stop_processes(processes, timeout=15.0):
+    """SIGTERM in reverse order of start (computes, head, database); SIGKILL what lingers."""
+    for proc in reversed(processes):
+        pid = proc["pid"]
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            deadline = time.monotonic() + timeout
+            while alive(pid) and time.monotonic() < deadline:
+                reap(proc)
+                time.sleep(0.02)
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        reap(proc)
+
+
+def reap(proc):
+    if "popen" in proc:
+        proc["popen"].poll()
+
+
+def down(directory):
+    directory = os.path.abspath(directory)
+    state = read_state(directory)
+    if state is None:
+        raise ClusterError(f"no cluster recorded in {directory}")
+    stop_processes(state["processes"])
+    os.unlink(state_path(directory))
+    return state["processes"]
+
+
+def status(directory):
+    directory = os.path.abspath(directory)
+    state = read_state(directory)
+    if state is None:
+        raise ClusterError(f"no cluster recorded in {directory}")
+    return [dict(p, running=alive(p["pid"])) for p in state["processes"]], state["env"]

@@ -1,0 +1,289 @@
+"""Wire messages: one small class per op, checked field by field on arrival.
+
+Every message is a JSON object {"v": PROTOCOL_VERSION, "op": ..., fields...};
+CLI requests also carry "id", a request id the head uses to answer a retry
+with its first reply. decode() turns bytes into a message object or raises
+BadMessage with one line saying what is wrong. Nothing here is ever pickled
+or evaluated.
+"""
+import json
+import re
+
+from .vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, EndCause, Op
+
+
+class BadMessage(ValueError):
+    """A frame that is not a valid message; the text says what is wrong."""
+
+
+# ---- field checkers: each returns the checked value or raises BadMessage ----
+
+class Int:
+    def __init__(self, lo=0, hi=2**53):
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, name, v):
+        if type(v) is not int or not self.lo <= v <= self.hi:
+            raise BadMessage(f"{name}: want a whole number from {self.lo} to {self.hi}, got {v!r:.40}")
+        return v
+
+
+class Float:
+    def __init__(self, lo=0.0, hi=1e12):
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, name, v):
+        if type(v) not in (int, float) or not self.lo <= v <= self.hi:
+            raise BadMessage(f"{name}: want a number from {self.lo} to {self.hi}, got {v!r:.40}")
+        return float(v)
+
+
+class Str:
+    def __init__(self, max_len=4096, pattern=None, empty=False):
+        self.max_len, self.empty = max_len, empty
+        self.pattern = re.compile(pattern) if pattern else None
+
+    def __call__(self, name, v):
+        if type(v) is not str or len(v) > self.max_len or (not v and not self.empty):
+            raise BadMessage(f"{name}: want a {'' if self.empty else 'non-empty '}string of at most {self.max_len} characters")
+        if "\0" in v or (self.pattern and not self.pattern.fullmatch(v)):
+            raise BadMessage(f"{name}: {v!r:.60} is not allowed here")
+        return v
+
+
+class Bool:
+    def __call__(self, name, v):
+        if type(v) is not bool:
+            raise BadMessage(f"{name}: want true or false")
+        return v
+
+
+class OneOf:
+    def __init__(self, *choices):
+        self.choices = choices
+
+    def __call__(self, name, v):
+        if v not in self.choices:
+            raise BadMessage(f"{name}: want one of {', '.join(map(str, self.choices))}, got {v!r:.40}")
+        return v
+
+
+class Maybe:
+    """The checker's value, or null."""
+    def __init__(self, check):
+        self.check = check
+
+    def __call__(self, name, v):
+        return None if v is None else self.check(name, v)
+
+
+class List:
+    def __init__(self, of, max_len=10000, min_len=0):
+        self.of, self.max_len, self.min_len = of, max_len, min_len
+
+    def __call__(self, name, v):
+        if type(v) is not list or not self.min_len <= len(v) <= self.max_len:
+            raise BadMessage(f"{name}: want a list of {self.min_len} to {self.max_len} items")
+        return [self.of(f"{name}[{i}]", item) for i, item in enumerate(v)]
+
+
+class Record:
+    """A nested object with its own fields; returns a plain dict."""
+    def __init__(self, fields, optional=()):
+        self.fields, self.optional = fields, frozenset(optional)
+
+    def __call__(self, name, v):
+        if type(v) is not dict:
+            raise BadMessage(f"{name}: want an object")
+        return check_fields(v, self.fields, self.optional, prefix=name + ".")
+
+
+def check_fields(data, fields, optional, prefix=""):
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise BadMessage(f"unknown field {prefix}{sorted(unknown)[0]!s:.40}")
+    out = {}
+    for field, check in fields.items():
+        if field in data:
+            out[field] = check(prefix + field, data[field])
+        elif field not in optional:
+            raise BadMessage(f"missing field {prefix}{field}")
+    return out
+
+
+NODE_NAME = Str(63, r"[A-Za-z0-9][A-Za-z0-9._-]*")
+JOB_ID = Int(0, 2**53)
+ATTEMPT = Int(0, 10**6)
+RANK = Int(0, 10**6)
+SIGNAL = Int(1, 128)
+EXIT_CODE = Int(0, 255)
+ENV_ENTRY = Str(65536, r"[^=]+=.*", empty=False)
+TASK_KEY = Record({"job": JOB_ID, "attempt": ATTEMPT, "rank": RANK})
+TASK_END = Record({
+    "job": JOB_ID, "attempt": ATTEMPT, "rank": RANK,
+    "cause": OneOf(*sorted(EndCause.ALL)),
+    "exit_code": Maybe(EXIT_CODE),
+    "signal": Maybe(SIGNAL),
+    "message": Str(1000, empty=True),
+})
+
+
+# ---- messages ----
+
+class Message:
+    OP = None
+    FIELDS = {}
+    OPTIONAL = ()
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+        self.request_id = fields.get("request_id")
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        request_id = data.pop("id", None)
+        data.pop("v"), data.pop("op")
+        msg = cls(**check_fields(data, cls.FIELDS, cls.OPTIONAL))
+        if request_id is not None:
+            msg.request_id = REQUEST_ID("id", request_id)
+        return msg
+
+    def to_dict(self):
+        out = {"v": PROTOCOL_VERSION, "op": self.OP}
+        out.update((k, getattr(self, k)) for k in self.FIELDS if getattr(self, k, None) is not None)
+        if self.request_id is not None:
+            out["id"] = self.request_id
+        return out
+
+    def encode(self):
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    def get(self, field, default=None):
+        value = getattr(self, field, None)
+        return default if value is None else value
+
+    def __repr__(self):
+        return f"<{self.OP} {self.to_dict()!r:.200}>"
+
+
+REQUEST_ID = Str(64, r"[A-Za-z0-9._:-]+")
+
+
+class Register(Message):
+    """compute -> head: who I am, what I have, what I still run, what ended unacknowledged."""
+    OP = Op.REGISTER
+    FIELDS = {"name": NODE_NAME, "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),
+              "running": List(TASK_KEY), "ended": List(TASK_END)}
+
+
+class Heartbeat(Message):
+    """compute -> head: live usage; the head keeps it in memory only."""
+    OP = Op.HEARTBEAT
+    FIELDS = {"load": Float(0, 1e6), "cpu_percent": Float(0, 1e6), "mem_used_mb": Int(0, 2**40)}
+
+
+class TaskEnded(Message):
+    """compute -> head: tasks that ended; repeated until the head acknowledges them."""
+    OP = Op.TASK_ENDED
+    FIELDS = {"ended": List(TASK_END, min_len=1)}
+
+
+class Welcome(Message):
+    """head -> compute: registered; the head's timing is the one to follow."""
+    OP = Op.WELCOME
+    FIELDS = {"heartbeat_interval": Float(0.001, 1e6), "node_timeout": Float(0.001, 1e6)}
+
+
+class HeartbeatAck(Message):
+    OP = Op.HEARTBEAT_ACK
+    FIELDS = {}
+
+
+class RegisterAgain(Message):
+    """head -> compute: I do not know you (I restarted, or declared you DOWN)."""
+    OP = Op.REGISTER_AGAIN
+    FIELDS = {}
+
+
+class Launch(Message):
+    """head -> compute: start these ranks of a job."""
+    OP = Op.LAUNCH
+    FIELDS = {
+        "job": JOB_ID, "attempt": ATTEMPT, "name": Str(256),
+        "ranks": List(RANK, min_len=1, max_len=100000), "node_rank": RANK,
+        "nnodes": Int(1, 100000), "ntasks": Int(1, 10**6),
+        "nodelist": List(NODE_NAME, min_len=1, max_len=100000),
+        "argv": List(Str(65536), min_len=1, max_len=10000),
+        "workdir": Str(4096, r"/.*"), "env": List(ENV_ENTRY, max_len=10000),
+        "uid": Int(0, 2**32 - 1), "gid": Int(0, 2**32 - 1), "user": Str(256),
+        "time_limit": Int(0, 10**9),
+    }
+
+
+class Kill(Message):
+    """head -> compute: stop every task of this job attempt."""
+    OP = Op.KILL
+    FIELDS = {"job": JOB_ID, "attempt": ATTEMPT, "reason": Str(200)}
+
+
+class EndedAck(Message):
+    """head -> compute: these task ends are recorded; stop resending them."""
+    OP = Op.ENDED_ACK
+    FIELDS = {"keys": List(TASK_KEY)}
+
+
+class Submit(Message):
+    """CLI -> head: a new job. Absent fields take the head's configured defaults."""
+    OP = Op.SUBMIT
+    FIELDS = {
+        "argv": List(Str(65536), min_len=1, max_len=10000),
+        "workdir": Str(4096, r"/.*"), "env": List(ENV_ENTRY, max_len=10000),
+        "nodes": Int(1, 100000), "procs_per_node": Int(1, 100000), "cpus_per_proc": Int(1, 100000),
+        "mem_mb": Int(0, 2**40), "time_limit": Int(0, 10**9), "name": Str(256),
+        "retries": Int(0, 1000), "wait": Bool(),
+    }
+    OPTIONAL = ("nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "name", "retries", "wait")
+
+
+class Info(Message):
+    """CLI -> head: nodes and/or jobs, for cminfo."""
+    OP = Op.INFO
+    FIELDS = {"nodes": Bool(), "jobs": Bool(), "all": Bool(), "job_ids": List(JOB_ID, max_len=10000)}
+    OPTIONAL = tuple(FIELDS)
+
+
+class Cancel(Message):
+    """CLI -> head: cmkill these jobs."""
+    OP = Op.CANCEL
+    FIELDS = {"job_ids": List(JOB_ID, min_len=1, max_len=100000)}
+
+
+class Wait(Message):
+    """CLI -> head: reply when this job has ended."""
+    OP = Op.WAIT
+    FIELDS = {"job_id": JOB_ID}
+
+
+COMPUTE_TO_HEAD = {m.OP: m for m in (Register, Heartbeat, TaskEnded)}
+HEAD_TO_COMPUTE = {m.OP: m for m in (Welcome, HeartbeatAck, RegisterAgain, Launch, Kill, EndedAck)}
+CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait)}
+
+
+def decode(frame, table):
+    """bytes -> a message of one of the table's ops, or BadMessage."""
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise BadMessage(f"message of {len(frame)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        data = json.loads(frame)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadMessage(f"not JSON: {str(e):.80}") from None
+    if type(data) is not dict:
+        raise BadMessage("want a JSON object")
+    if data.get("v") != PROTOCOL_VERSION:
+        raise BadMessage(f"protocol version {data.get('v')!r:.20} is not {PROTOCOL_VERSION}")
+    op = data.get("op")
+    cls = table.get(op) if type(op) is str else None
+    if cls is None:
+        raise BadMessage(f"unknown op {op!r:.40}")
+    return cls.from_dict(data)

@@ -1,0 +1,214 @@
+"""Task processes on a compute node: start, signal, time out, reap.
+
+Each task is a direct fork/exec of the job's command in its own session and
+process group, in the job's working directory, with its output in
+<workdir>/cmlogs/<job>/<rank>.out and .err. A daemon running as root starts
+it as the submitting user (uid, gid, groups); one running as an ordinary user
+runs only that user's jobs. Stopping a task signals its whole process group:
+SIGTERM, then SIGKILL after the grace period. No process is left unreaped.
+"""
+import errno
+import logging
+import os
+import pwd
+import signal
+import subprocess
+
+from .vocab import EndCause
+
+log = logging.getLogger("cm.tasks")
+
+
+class Task:
+    def __init__(self, key, proc, start, time_limit):
+        self.key = key                    # (job, attempt, rank)
+        self.proc = proc
+        self.pid = proc.pid               # also its process group id
+        self.start = start
+        self.deadline = start + time_limit if time_limit else None
+        self.stop_cause = None            # EndCause.TIMEOUT or KILLED once we start stopping it
+        self.kill_at = None               # when SIGTERM turns into SIGKILL
+
+
+def task_env(spec, rank, local_rank, node_name):
+    env = dict(entry.split("=", 1) for entry in spec.env)
+    env.update({
+        "CM_JOB_ID": str(spec.job),
+        "CM_JOB_NAME": spec.name,
+        "CM_RANK": str(rank),
+        "CM_LOCAL_RANK": str(local_rank),
+        "CM_NODE_RANK": str(spec.node_rank),
+        "CM_NNODES": str(spec.nnodes),
+        "CM_NTASKS": str(spec.ntasks),
+        "CM_NODENAME": node_name,
+        "CM_NODELIST": ",".join(spec.nodelist),
+    })
+    return env
+
+
+def end_report(key, cause, exit_code=None, sig=None, message=""):
+    job, attempt, rank = key
+    return {"job": job, "attempt": attempt, "rank": rank, "cause": cause,
+            "exit_code": exit_code, "signal": sig, "message": message[:1000]}
+
+
+class Runner:
+    def __init__(self, node_name, kill_grace, clock):
+        self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
+        self.tasks = {}                   # key -> Task
+        self.by_pid = {}                  # pid -> Task
+        self.as_root = os.geteuid() == 0
+
+    def running_keys(self):
+        return list(self.tasks)
+
+    # ---- start ----
+
+    def launch(self, spec):
+        """Start every rank of a Launch; returns end reports for those that could not start."""
+        failed = []
+        refusal = self._refusal(spec)
+        for local_rank, rank in enumerate(spec.ranks):
+            key = (spec.job, spec.attempt, rank)
+            if key in self.tasks:
+                continue                  # a repeated launch: it already runs
+            if refusal:
+                failed.append(end_report(key, EndCause.LAUNCH_FAILED, 1, None, refusal))
+                continue
+            report = self._start(spec, key, local_rank)
+            if report:
+                failed.append(report)
+        return failed
+
+    def _refusal(self, spec):
+        if not self.as_root and spec.uid != os.geteuid():
+            return (f"this compute daemon runs as uid {os.geteuid()} and cannot run a job of uid {spec.uid}; "
+                    "run it as root to serve several users")
+        if not os.path.isdir(spec.workdir):
+            return f"working directory {spec.workdir} does not exist on {self.node_name}"
+        return None
+
+    def _start(self, spec, key, local_rank):
+        rank = key[2]
+        try:
+            out, err = self._open_logs(spec, rank)
+        except OSError as e:
+            return end_report(key, EndCause.LAUNCH_FAILED, 1, None,
+                              f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
+        identity = {}
+        if self.as_root and spec.uid != 0:
+            identity = dict(user=spec.uid, group=spec.gid, extra_groups=self._groups(spec), umask=0o022)
+        try:
+            with out, err:
+                proc = subprocess.Popen(
+                    spec.argv, cwd=spec.workdir, env=task_env(spec, rank, local_rank, self.node_name),
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                    start_new_session=True, close_fds=True, **identity)
+        except OSError as e:
+            # No such command (127, as a shell says) or not executable (126).
+            code = 127 if e.errno == errno.ENOENT else 126
+            message = f"cannot run {spec.argv[0]!r}: {e.strerror}"
+            self._note_in_err(spec, rank, message)
+            return end_report(key, EndCause.LAUNCH_FAILED, code, None, message)
+        task = Task(key, proc, self.clock(), spec.time_limit)
+        self.tasks[key] = task
+        self.by_pid[task.pid] = task
+        log.debug("job %d rank %d started as pid %d", spec.job, rank, task.pid)
+        return None
+
+    def _groups(self, spec):
+        try:
+            return os.getgrouplist(pwd.getpwuid(spec.uid).pw_name, spec.gid)
+        except KeyError:
+            return [spec.gid]             # a uid unknown here: its primary group only
+
+    def _open_logs(self, spec, rank):
+        top = os.path.join(spec.workdir, "cmlogs")
+        directory = os.path.join(top, str(spec.job))
+        os.makedirs(directory, exist_ok=True)
+        paths = [os.path.join(directory, f"{rank}.{kind}") for kind in ("out", "err")]
+        files = [open(p, "wb") for p in paths]
+        if self.as_root and spec.uid != 0:
+            # Made by root on the user's behalf: hand them over.
+            for p in (top, directory, *paths):
+                os.chown(p, spec.uid, spec.gid)
+        return files
+
+    def _note_in_err(self, spec, rank, message):
+        try:
+            with open(os.path.join(spec.workdir, "cmlogs", str(spec.job), f"{rank}.err"), "a") as f:
+                f.write(f"cm: {message}\n")
+        except OSError:
+            pass
+
+    # ---- stop ----
+
+    def kill_job(self, job, attempt, now):
+        """SIGTERM every task of a job attempt; SIGKILL follows after the grace."""
+        for task in self.tasks.values():
+            if task.key[:2] == (job, attempt):
+                self._stop(task, EndCause.KILLED, now)
+
+    def kill_all(self, now):
+        for task in self.tasks.values():
+            self._stop(task, EndCause.KILLED, now)
+
+    def _stop(self, task, cause, now):
+        if task.stop_cause is None:
+            task.stop_cause = cause
+            task.kill_at = now + self.kill_grace
+            _signal_group(task.pid, signal.SIGTERM)
+
+    def enforce(self, now):
+        """Time limits and SIGKILL escalation; returns the next moment this must run again."""
+        upcoming = []
+        for task in self.tasks.values():
+            if task.stop_cause is None and task.deadline is not None:
+                if now >= task.deadline:
+                    log.info("job %d rank %d passed its time limit; SIGTERM", task.key[0], task.key[2])
+                    self._stop(task, EndCause.TIMEOUT, now)
+                else:
+                    upcoming.append(task.deadline)
+            if task.kill_at is not None:
+                if now >= task.kill_at:
+                    log.info("job %d rank %d outlived its grace; SIGKILL", task.key[0], task.key[2])
+                    _signal_group(task.pid, signal.SIGKILL)
+                    task.kill_at = None
+                else:
+                    upcoming.append(task.kill_at)
+        return min(upcoming, default=None)
+
+    # ---- reap ----
+
+    def reap(self):
+        """Collect every child that has ended; returns their end reports."""
+        reports = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            task = self.by_pid.pop(pid, None)
+            if task is None:
+                continue
+            del self.tasks[task.key]
+            code = os.waitstatus_to_exitcode(status)
+            task.proc.returncode = code       # so Popen does not wait for it again
+            # Whatever the task left behind in its group goes with it.
+            _signal_group(task.pid, signal.SIGKILL)
+            exit_code, sig = (code, None) if code >= 0 else (None, -code)
+            cause = task.stop_cause or EndCause.EXITED
+            reports.append(end_report(task.key, cause, exit_code, sig))
+            log.debug("job %d rank %d ended: %s, exit %s, signal %s", task.key[0], task.key[2], cause, exit_code, sig)
+        return reports
+
+
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as e:
+        log.warning("cannot signal process group %d: %s", pgid, e)

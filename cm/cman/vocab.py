@@ -1,0 +1,78 @@
+"""The shared vocabulary: job and node states, message ops, protocol version,
+CLI exit codes. It imports nothing else of cm's, so every module (and the
+fast-starting CLI) can use it.
+"""
+
+PROTOCOL_VERSION = 1
+
+# Largest JSON message accepted on either channel. A launch carries the
+# submitter's environment, which is the biggest thing we send.
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class JobState:
+    """A job's state. PENDING and RUNNING are active; the rest are final."""
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"      # every task exited 0
+    FAILED = "FAILED"            # some task exited non-zero or died by a signal
+    CANCELLED = "CANCELLED"      # cmkill
+    TIMEOUT = "TIMEOUT"          # a task outlived the job's time limit
+    NODE_FAIL = "NODE_FAIL"      # a node running it was lost, no retries left
+
+    ACTIVE = frozenset({PENDING, RUNNING})
+    FINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL})
+    ALL = ACTIVE | FINAL
+
+
+class NodeState:
+    """A node's liveness as the head sees it. Whether an UP node is idle,
+    mixed or allocated is derived from its allocation, never stored."""
+    UP = "UP"
+    DOWN = "DOWN"
+    ALL = frozenset({UP, DOWN})
+
+
+class PendingReason:
+    """Why a pending job has not started (shown by cminfo)."""
+    RESOURCES = "Resources"      # first in line, the free resources do not fit it
+    PRIORITY = "Priority"        # waits behind an earlier job (jobs start in order)
+    REQUEUED = "Requeued"        # its node was lost; it waits to run again
+
+
+class EndCause:
+    """How a task ended, as the compute daemon reports it."""
+    EXITED = "exited"            # the process ended by itself (exit code or signal)
+    TIMEOUT = "timeout"          # killed for running past the time limit
+    KILLED = "killed"            # killed because the head asked (cmkill, requeue)
+    LAUNCH_FAILED = "launch_failed"  # could not be started (no such command, bad directory)
+    LOST = "lost"                # the head expected it, the node does not have it
+    ALL = frozenset({EXITED, TIMEOUT, KILLED, LAUNCH_FAILED, LOST})
+
+
+class Op:
+    """Message types. Compute -> head, head -> compute, CLI -> head."""
+    # compute -> head
+    REGISTER = "register"
+    HEARTBEAT = "heartbeat"
+    TASK_ENDED = "task_ended"
+    # head -> compute
+    WELCOME = "welcome"
+    HEARTBEAT_ACK = "heartbeat_ack"
+    REGISTER_AGAIN = "register_again"
+    LAUNCH = "launch"
+    KILL = "kill"
+    ENDED_ACK = "ended_ack"
+    # CLI -> head
+    SUBMIT = "submit"
+    INFO = "info"
+    CANCEL = "cancel"
+    WAIT = "wait"
+
+
+class Exit:
+    """CLI exit statuses."""
+    OK = 0
+    ERROR = 1
+    USAGE = 2
+    UNREACHABLE = 3
