@@ -107,7 +107,9 @@ def start(name, argv, directory, env):
     with open(log_path, "ab") as log:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                  env=env, cwd=directory, start_new_session=True)  # outlives cmcluster and ^C
-    return {"name": name, "pid": popen.pid, "log": log_path, "popen": popen}
+    # Only the settings cm reads are recorded, so that a restart starts it the same way.
+    cm_env = {k: v for k, v in env.items() if k.startswith("CM_")}
+    return {"name": name, "pid": popen.pid, "log": log_path, "popen": popen, "argv": argv, "cm_env": cm_env}
 
 
 def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
@@ -160,7 +162,7 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
 
 
 def record(directory, processes, env):
-    state = {"processes": [{k: p[k] for k in ("name", "pid", "log")} for p in processes],
+    state = {"processes": [{k: p[k] for k in ("name", "pid", "log", "argv", "cm_env")} for p in processes],
              "env": {k: env[k] for k in ("CM_DATABASE_URL", "CM_SOCKET", "CM_HEAD_PORT")}}
     tmp = state_path(directory) + ".tmp"
     with open(tmp, "w") as f:
@@ -199,6 +201,24 @@ def down(directory):
     stop_processes(state["processes"])
     os.unlink(state_path(directory))
     return state["processes"]
+
+
+def restart(directory, name):
+    """Stop one process of the cluster (SIGTERM) and start it again as it was started."""
+    directory = os.path.abspath(directory)
+    state = read_state(directory)
+    if state is None:
+        raise ClusterError(f"no cluster recorded in {directory}")
+    for i, proc in enumerate(state["processes"]):
+        if proc["name"] == name:
+            stop_processes([proc])
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+            env.update(proc["cm_env"])
+            state["processes"][i] = start(name, proc["argv"], directory, env)
+            record(directory, state["processes"], env)
+            return state["processes"][i]
+    raise ClusterError(f"no process {name!r} in the cluster in {directory} "
+                       f"(it has {', '.join(p['name'] for p in state['processes'])})")
 
 
 def status(directory):

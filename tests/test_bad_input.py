@@ -1,0 +1,157 @@
+"""Bad input: every bad argument, time, count or id gets one clear line and a
+non-zero exit (2 for usage); garbage on the daemons' sockets is logged and
+the cluster keeps running jobs, losing nothing it had accepted."""
+import json
+import os
+import random
+import socket
+
+import pytest
+import zmq
+
+from conftest import wait_until
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "0", "true"], "argument -n/--nodes: want a whole number >= 1, got '0'"),
+    (["-n", "two", "true"], "argument -n/--nodes: want a whole number, got 'two'"),
+    (["-p", "-3", "true"], "argument -p/--procs-per-node"),
+    (["-c", "1.5", "true"], "argument -c/--cpus-per-proc"),
+    (["-t", "soon", "true"], "argument -t/--time: bad time limit 'soon'"),
+    (["-t", "1:75", "true"], "minutes and seconds go up to 59"),
+    (["--mem", "lots", "true"], "argument --mem: bad memory size 'lots'"),
+    (["--retries", "-1", "true"], "argument --retries"),
+    (["-D", "/no/such/dir", "true"], "-D/--chdir: /no/such/dir is not a directory"),
+    (["--bogus", "true"], "unrecognized arguments: --bogus"),
+    ([], "no command given"),
+])
+def test_cmrun_usage_errors(cluster, args, message):
+    proc = cluster.cm("cmrun", *args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("cmrun: error: ") and message in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "4", "true"], "job refused: it asks for 4 nodes and the cluster has 3"),
+    (["-p", "3", "true"], "job refused: it asks for 3 CPUs per node (3 processes x 1 CPUs) and the largest node has 2"),
+    (["-c", "2", "-p", "2", "true"], "largest node has 2"),
+    (["--mem", "5G", "true"], "it asks for 5120M of memory per node and the largest node has 4096M"),
+])
+def test_requests_that_can_never_fit_are_refused_at_submission(cluster, args, message):
+    proc = cluster.cm("cmrun", *args)
+    assert proc.returncode == 1
+    assert len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("cmrun: error: ") and message in proc.stderr
+
+
+@pytest.mark.parametrize("cmd, message", [
+    (["cmkill"], "cmkill: error: the following arguments are required: JOBID"),
+    (["cmkill", "x7"], "cmkill: error: 'x7' is not a job id"),
+    (["cmkill", "-1"], "cmkill: error: "),
+    (["cminfo", "-j", "abc"], "cminfo: error: -j: 'abc' is not a job id"),
+    (["cminfo", "--what"], "cminfo: error: unrecognized arguments: --what"),
+    (["cmdaemon", "--role", "boss"], "cmdaemon: error: argument --role: invalid choice"),
+    (["cmdaemon", "--role", "compute", "--cpus", "0"], "argument --cpus: want a whole number >= 1"),
+    (["cmcluster", "up", "--nodes", "0"], "cmcluster: error: argument --nodes"),
+    (["cmcluster", "sideways"], "invalid choice: 'sideways'"),
+])
+def test_other_usage_errors(cluster, cmd, message):
+    proc = cluster.cm(*cmd)
+    assert proc.returncode == 2
+    prog = cmd[0]
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"{prog}: error: ") and message in proc.stderr, proc.stderr
+
+
+def test_unknown_job_in_cminfo(cluster):
+    proc = cluster.cm("cminfo", "-j", "424242")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "cminfo: error: no such job: 424242"
+
+
+def test_bad_settings_are_named(cluster):
+    proc = cluster.cm("cminfo", env={"CM_REQUEST_TIMEOUT": "never"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("cminfo: error: setting request_timeout = 'never' (from environment variable "
+                                   "CM_REQUEST_TIMEOUT): want a number of seconds > 0")
+
+
+def test_no_head_is_exit_3_with_what_to_check(cluster, tmp_path):
+    proc = cluster.cm("cminfo", env={"CM_SOCKET": str(tmp_path / "nothing.sock")})
+    assert proc.returncode == 3
+    assert "no head socket at" in proc.stderr and "CM_SOCKET" in proc.stderr
+
+
+def cli_exchange(path, payload, read=True):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(payload)
+        if not read:
+            return None
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+def test_garbage_on_the_cli_socket_is_answered_and_the_head_keeps_serving(cluster, workdir):
+    accepted = cluster.submit("sleep", "60", cwd=workdir)
+    path = cluster.env["CM_SOCKET"]
+    for payload in (b"hello\n", b"{}\n", b'{"v":1,"op":"submit"}\n', b'{"v":9,"op":"info"}\n',
+                    b'{"v":1,"op":"cancel","job_ids":["all"]}\n', b"\xff\x00\n",
+                    json.dumps({"v": 1, "op": "submit", "argv": ["x"] * 20000, "workdir": "/", "env": []}).encode() + b"\n"):
+        reply = json.loads(cli_exchange(path, payload).splitlines()[0])
+        assert reply["ok"] is False and reply["error"]
+    cli_exchange(path, b'{"v":1,', read=False)         # half a request, then gone
+    assert cluster.job(accepted)["state"] == "RUNNING"  # nothing accepted was lost
+    assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0
+    cluster.ok("cmkill", str(accepted))
+    cluster.wait_state(accepted, "CANCELLED")
+
+
+def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, workdir):
+    port = int(cluster.process("head")["cm_env"]["CM_HEAD_PORT"])
+    rng = random.Random(7)
+    valid = json.dumps({"v": 1, "op": "heartbeat", "load": 0.1, "cpu_percent": 1, "mem_used_mb": 10}).encode()
+    ctx = zmq.Context.instance()
+    with ctx.socket(zmq.DEALER) as s:
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, b"intruder")
+        s.connect(f"tcp://127.0.0.1:{port}")
+        for i in range(2000):
+            kind = i % 4
+            if kind == 0:
+                frame = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+            elif kind == 1:                       # a valid frame with bytes flipped
+                frame = bytearray(valid)
+                for _ in range(3):
+                    frame[rng.randrange(len(frame))] = rng.randrange(256)
+                frame = bytes(frame)
+            elif kind == 2:                       # well-formed JSON, wrong contents
+                frame = json.dumps({"v": 1, "op": rng.choice(["register", "task_ended", "launch", "x"]),
+                                    "name": "node1", "ended": [{"job": -1}]}).encode()
+            else:                                 # several frames at once
+                frame = [b"a", b"b", valid]
+            if isinstance(frame, list):
+                s.send_multipart(frame)
+            else:
+                s.send(frame)
+    # The head is still there, still knows its three nodes, and still runs jobs.
+    proc = cluster.cm("cmrun", "-n", "3", "--wait", "true", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    nodes = cluster.info("--nodes")["nodes"]
+    assert [n["name"] for n in nodes] == ["node1", "node2", "node3"]
+    assert all(n["state"] == "UP" for n in nodes)
+    with open(os.path.join(cluster.dir, "head.log")) as f:
+        assert "dropped a bad message" in f.read()
+
+
+def test_a_second_cluster_in_the_same_directory_is_refused(cluster):
+    proc = cluster.cm("cmcluster", "up", "--nodes", "1", "--dir", cluster.dir)
+    assert proc.returncode == 1
+    assert "a cluster already runs in" in proc.stderr
+    wait_until(lambda: cluster.cm("cminfo").returncode == 0, what="the cluster to still answer")

@@ -1,0 +1,172 @@
+"""A real local cluster (FerretDB, head, three 2-CPU compute daemons) driven
+only through cmrun, cminfo and cmkill, as a user would."""
+import os
+import signal
+
+from conftest import wait_until
+
+ENV_SCRIPT = """#!/bin/sh
+echo "$CM_JOB_ID $CM_RANK $CM_LOCAL_RANK $CM_NODE_RANK $CM_NNODES $CM_NTASKS $CM_NODENAME $CM_NODELIST $(pwd)"
+echo "to stderr $CM_RANK" >&2
+"""
+
+
+def script(directory, name, text):
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return "./" + name
+
+
+def test_cluster_shows_its_nodes(cluster):
+    nodes = cluster.info("--nodes")["nodes"]
+    assert [n["name"] for n in nodes] == ["node1", "node2", "node3"]
+    assert all(n["state"] == "UP" and n["cpus"] == 2 and n["mem_mb"] == 4096 for n in nodes)
+    text = cluster.ok("cminfo")
+    assert "node1" in text and "TOTAL: 3 up, 0 down; CPUs 0/6 allocated" in text
+
+
+def test_n_by_p_job_gets_its_environment_and_log_files(cluster, workdir):
+    cmd = script(workdir, "env.sh", ENV_SCRIPT)
+    out = cluster.ok("cmrun", "-n", "3", "-p", "2", "--wait", cmd, cwd=workdir)
+    job_id = int(out.strip())
+    logs = os.path.join(workdir, "cmlogs", str(job_id))
+    assert sorted(os.listdir(logs)) == sorted(f"{r}.{k}" for r in range(6) for k in ("out", "err"))
+    rows = []
+    for rank in range(6):
+        with open(os.path.join(logs, f"{rank}.out")) as f:
+            rows.append(f.read().split())
+        with open(os.path.join(logs, f"{rank}.err")) as f:
+            assert f.read() == f"to stderr {rank}\n"
+    nodelist = rows[0][7]
+    assert nodelist.split(",") == ["node1", "node2", "node3"]
+    for rank, row in enumerate(rows):
+        node_rank, local_rank = divmod(rank, 2)
+        assert row == [str(job_id), str(rank), str(local_rank), str(node_rank), "3", "6",
+                       f"node{node_rank + 1}", nodelist, workdir]
+    job = cluster.job(job_id)
+    assert (job["state"], job["exit_code"], job["ntasks"]) == ("COMPLETED", 0, 6)
+
+
+def test_cmrun_prints_the_job_id_alone_and_ids_are_consecutive(cluster, workdir):
+    first = cluster.cm("cmrun", "true", cwd=workdir)
+    second = cluster.cm("cmrun", "true", cwd=workdir)
+    assert first.returncode == second.returncode == 0
+    assert first.stdout.strip().isdigit() and first.stdout == first.stdout.strip() + "\n"
+    assert int(second.stdout) == int(first.stdout) + 1
+    for job_id in (int(first.stdout), int(second.stdout)):
+        cluster.wait_state(job_id, "COMPLETED")
+
+
+def test_wait_exits_with_the_jobs_exit_code(cluster, workdir):
+    assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0
+    failed = cluster.cm("cmrun", "--wait", "sh", "-c", "exit 7", cwd=workdir)
+    assert failed.returncode == 7
+    assert "ended FAILED" in failed.stderr
+    killed = cluster.cm("cmrun", "--wait", "sh", "-c", "kill -9 $$", cwd=workdir)
+    assert killed.returncode == 128 + 9
+    job = cluster.job(int(killed.stdout))
+    assert (job["state"], job["exit_signal"]) == ("FAILED", 9)
+    # The highest exit code of the tasks is the job's.
+    mixed = cluster.cm("cmrun", "-n", "2", "-p", "2", "--wait", "sh", "-c", 'exit "$CM_RANK"', cwd=workdir)
+    assert mixed.returncode == 3
+    assert cluster.job(int(mixed.stdout))["exit_code"] == 3
+
+
+def test_a_missing_command_fails_the_job_with_the_reason(cluster, workdir):
+    proc = cluster.cm("cmrun", "--wait", "./no-such-program", cwd=workdir)
+    assert proc.returncode == 127
+    job = cluster.job(int(proc.stdout))
+    assert job["state"] == "FAILED" and "no-such-program" in job["reason"]
+    with open(os.path.join(workdir, "cmlogs", str(job["id"]), "0.err")) as f:
+        assert "cannot run './no-such-program'" in f.read()
+
+
+def test_jobs_queue_when_the_cluster_is_full_and_start_when_room_frees(cluster, workdir):
+    big = cluster.submit("-n", "3", "-p", "2", "sleep", "60", cwd=workdir)
+    cluster.wait_state(big, "RUNNING")
+    second = cluster.submit("-n", "1", "-p", "1", "true", cwd=workdir)
+    third = cluster.submit("true", cwd=workdir)
+    assert cluster.wait_state(second, "PENDING")["reason"] == "Resources"
+    assert cluster.wait_state(third, "PENDING")["reason"] == "Priority"
+    assert all(n["alloc_cpus"] == 2 for n in cluster.info("--nodes")["nodes"])
+    assert "(Resources)" in cluster.ok("cminfo", "--jobs")
+    cluster.ok("cmkill", str(big))
+    cluster.wait_state(second, "COMPLETED")
+    cluster.wait_state(third, "COMPLETED")
+    assert cluster.job(big)["state"] == "CANCELLED"
+
+
+def test_cmkill_stops_running_and_pending_jobs(cluster, workdir):
+    # A task that ignores SIGTERM is killed after the grace period.
+    stubborn = script(workdir, "stubborn.sh", "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 0.1; done\n")
+    running = cluster.submit("-n", "3", "-p", "2", stubborn, cwd=workdir)
+    pending = cluster.submit("true", cwd=workdir)
+    cluster.wait_state(running, "RUNNING")
+    cluster.wait_state(pending, "PENDING")
+    proc = cluster.cm("cmkill", str(running), str(pending))
+    assert proc.returncode == 0, proc.stderr
+    assert cluster.wait_state(pending, "CANCELLED")["reason"].startswith("cancelled by")
+    job = cluster.wait_state(running, "CANCELLED")
+    assert job["exit_signal"] in (signal.SIGTERM, signal.SIGKILL)
+    wait_until(lambda: all(n["alloc_cpus"] == 0 for n in cluster.info("--nodes")["nodes"]),
+               what="the CPUs to be free")
+
+
+def test_cmkill_names_unknown_ids_and_still_handles_the_others(cluster, workdir):
+    job = cluster.submit("sleep", "60", cwd=workdir)
+    proc = cluster.cm("cmkill", "999999", str(job))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "cmkill: error: job 999999: no such job"
+    cluster.wait_state(job, "CANCELLED")
+    again = cluster.cm("cmkill", str(job))
+    assert again.returncode == 1 and "already ended (CANCELLED)" in again.stderr
+
+
+def test_a_time_limit_ends_the_job_timeout(cluster, workdir):
+    proc = cluster.cm("cmrun", "--wait", "-t", "1s", "sleep", "60", cwd=workdir)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "ended TIMEOUT" in proc.stderr
+    job = cluster.job(int(proc.stdout))
+    assert job["state"] == "TIMEOUT" and job["time_limit"] == 1
+    assert 1 <= job["elapsed"] <= 5
+
+
+def test_a_task_killed_from_outside_is_reported_not_left_running(cluster, workdir):
+    cmd = script(workdir, "pid.sh", "#!/bin/sh\necho $$ > pid\nexec sleep 60\n")
+    job_id = cluster.submit(cmd, cwd=workdir)
+    pid_file = os.path.join(workdir, "pid")
+    pid = wait_until(lambda: os.path.exists(pid_file) and open(pid_file).read().strip(), what="the task's pid")
+    os.kill(int(pid), signal.SIGKILL)
+    job = cluster.wait_state(job_id, "FAILED")
+    assert job["exit_signal"] == signal.SIGKILL
+
+
+def test_cminfo_views(cluster, workdir):
+    job_id = cluster.submit("-J", "named", "true", cwd=workdir)
+    cluster.wait_state(job_id, "COMPLETED")
+    doc = cluster.info()
+    assert set(doc) == {"nodes", "jobs"}
+    assert job_id not in [j["id"] for j in doc["jobs"]]           # ended jobs only with --all
+    every = cluster.info("--all")["jobs"]
+    assert [j["id"] for j in every] == sorted(j["id"] for j in every)
+    job = next(j for j in every if j["id"] == job_id)
+    assert (job["name"], job["user"], job["state"], job["workdir"]) == ("named", os.environ.get("USER", "root") if os.getuid() else "root", "COMPLETED", workdir)
+    assert cluster.info("--jobs")["nodes"] == []
+    assert cluster.info("--nodes")["jobs"] == []
+    text = cluster.ok("cminfo", "-j", str(job_id))
+    assert "named" in text and "COMPLETED" in text and "NODE " not in text
+
+
+def test_job_ids_and_records_survive_a_head_restart(cluster, workdir):
+    before = cluster.submit("true", cwd=workdir)
+    cluster.wait_state(before, "COMPLETED")
+    cluster.ok("cmcluster", "restart", "head", "--dir", cluster.dir)
+    wait_until(lambda: cluster.cm("cminfo", "--nodes").returncode == 0 and
+               all(n["status"] == "idle" for n in cluster.info("--nodes")["nodes"]),
+               what="the nodes to register with the new head")
+    assert cluster.job(before)["state"] == "COMPLETED"
+    after = cluster.cm("cmrun", "--wait", "true", cwd=workdir)
+    assert after.returncode == 0
+    assert int(after.stdout) == before + 1
