@@ -25,11 +25,29 @@ def parser():
     p.add_argument("--name", help="compute: this node's name (default: the host name)")
     p.add_argument("--cpus", type=whole_number(1), help="compute: CPUs to offer (default: what affinity and cgroup allow)")
     p.add_argument("--mem", type=converted(units.parse_mem), help="compute: memory to offer, e.g. 4G (default: measured)")
+    p.add_argument("--profile", metavar="FILE", help="run under cProfile and write its statistics to FILE on stopping")
     return p
+
+
+def profiled(path, run):
+    """Run run() under cProfile; the statistics are written even if it fails."""
+    import cProfile
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(run)
+    finally:
+        profiler.dump_stats(path)
 
 
 def main(argv):
     args = parser().parse_args(argv)
+    if args.profile:
+        profile, args.profile = args.profile, None
+        return profiled(profile, lambda: run_daemon(args))
+    return run_daemon(args)
+
+
+def run_daemon(args):
     cfg = config.load()
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
