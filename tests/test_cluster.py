@@ -1,9 +1,13 @@
 """A real local cluster (FerretDB, head, three 2-CPU compute daemons) driven
 only through cmrun, cminfo and cmkill, as a user would."""
 import os
+import pwd
 import signal
+import subprocess
 
-from conftest import wait_until
+import pytest
+
+from conftest import BIN, wait_until
 
 ENV_SCRIPT = """#!/bin/sh
 echo "$CM_JOB_ID $CM_RANK $CM_LOCAL_RANK $CM_NODE_RANK $CM_NNODES $CM_NTASKS $CM_NODENAME $CM_NODELIST $(pwd)"
@@ -170,3 +174,41 @@ def test_job_ids_and_records_survive_a_head_restart(cluster, workdir):
     after = cluster.cm("cmrun", "--wait", "true", cwd=workdir)
     assert after.returncode == 0
     assert int(after.stdout) == before + 1
+
+
+def as_nobody(cluster):
+    """Run the CLI as the unprivileged user nobody; the head learns who it is from the kernel."""
+    if os.getuid() != 0:
+        message = "running jobs as another user needs root (CI runs as root)"
+        if os.environ.get("CI") == "true":
+            raise AssertionError(message)
+        pytest.skip(message)
+    nobody = pwd.getpwnam("nobody")
+    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    return nobody, lambda *args, **kw: subprocess.run(prefix + [os.path.join(BIN, args[0]), *args[1:]],
+                                                      env=cluster.env, capture_output=True, text=True,
+                                                      timeout=60, **kw)
+
+
+def test_jobs_run_as_their_submitter_and_only_the_owner_or_root_may_cancel(cluster, workdir):
+    nobody, run_as_nobody = as_nobody(cluster)
+    os.chown(workdir, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(cluster.dir, 0o755)
+    proc = run_as_nobody("cmrun", "--wait", "id", "-u", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    job_id = int(proc.stdout)
+    out = os.path.join(workdir, "cmlogs", str(job_id), "0.out")
+    with open(out) as f:
+        assert f.read().strip() == str(nobody.pw_uid)
+    assert os.stat(out).st_uid == nobody.pw_uid
+    assert cluster.job(job_id)["user"] == "nobody"
+    # root's job: nobody may not cancel it; root may cancel nobody's.
+    mine = cluster.submit("sleep", "60", cwd=workdir)
+    refused = run_as_nobody("cmkill", str(mine), cwd=workdir)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == f"cmkill: error: job {mine}: permission denied: it belongs to root"
+    theirs = int(run_as_nobody("cmrun", "sleep", "60", cwd=workdir).stdout)
+    cluster.wait_state(theirs, "RUNNING")
+    cluster.ok("cmkill", str(mine), str(theirs))
+    cluster.wait_state(mine, "CANCELLED")
+    cluster.wait_state(theirs, "CANCELLED")

@@ -5,7 +5,6 @@
     cminfo -j 7 --json     one job, as JSON for scripts
 """
 import json
-import time
 
 from .. import config, units
 from ..client import CliError, request
