@@ -1,61 +1,106 @@
 # cm: build, run and test.  `make help` lists the targets.
 #
+#   make                   a container cluster: a database, the head, NODES compute nodes
+#   make exec-head         a shell on the head, as you, in /home/$USER
+#   make test              every test (installs what a fresh machine lacks first)
+#
 # Python comes from Debian's packages (python3-zmq, python3-pymongo, ...),
 # which belong to /usr/bin/python3; another python3 first on PATH may lack
 # them, so the interpreter is named explicitly.
 PYTHON      := /usr/bin/python3
 GO          ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
-FERRETDB    := .build/cm-ferretdb
 NODES       ?= 3
+PROJECT     ?= cm
+CM_DRIVE    ?= $(CURDIR)/drive
+# mongo where the image can be pulled, else FerretDB built here; or say DB=mongo / DB=ferretdb.
+DB          ?= auto
+MONGO_IMAGE := mongo:7
 CLUSTER_DIR ?= /tmp/cmcluster-$(shell id -u)
-CMCLUSTER   := $(PYTHON) cm/bin/cmcluster
-# Debian packages the software and its tests need.
+USER        ?= $(shell id -un)
+# `docker compose` (the plugin) where it exists, else docker-compose.
+COMPOSE_BIN := $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; else echo docker-compose; fi)
+COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml
+FERRETDB    := .build/cm-ferretdb
 DEBS        := python3-zmq python3-pymongo python3-mongoengine python3-psutil \
-               python3-pytest python3-pytest-timeout
+               python3-pytest python3-pytest-timeout python3-docker docker-compose mmdebstrap
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all up down status test unit deps ferretdb help
+# Which database image: decided once per make run, only by targets that need it.
+DB_KIND      = $(eval DB_KIND := $(shell DB=$(DB) MONGO_IMAGE=$(MONGO_IMAGE) scripts/choose-db))$(DB_KIND)
+DB_IMAGE     = $(if $(filter mongo,$(DB_KIND)),$(MONGO_IMAGE),cm-ferretdb:latest)
 
-all: up ## Start a local cluster of NODES compute daemons (default 3) and show it
+.PHONY: all up images exec-head down clean logs test unit deps ferretdb local local-down help
 
-up: deps ferretdb ## The same as `make`
-	@if $(CMCLUSTER) status --dir $(CLUSTER_DIR) >/dev/null 2>&1; then \
-	  echo "cm is already running in $(CLUSTER_DIR)"; \
+all: up ## Start the container cluster (NODES compute nodes, default 3) and show it
+
+up: images ## The same as `make`
+	@mkdir -p $(CM_DRIVE)/home $(CM_DRIVE)/etc $(CM_DRIVE)/db/$(DB_KIND)
+	@touch $(CM_DRIVE)/etc/users
+	$(COMPOSE) up -d --scale compute=$(NODES)
+	@$(PYTHON) scripts/cluster wait-nodes -- $(COMPOSE)
+	@$(COMPOSE) exec -T head cminfo
+
+images: $(if $(filter ferretdb,$(DB_KIND)),ferretdb-image) ## Build the images that are missing or out of date
+	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
+	@docker build -q -t cm-head:latest -f headnode/Dockerfile . >/dev/null
+	@docker build -q -t cm-compute:latest -f computenode/Dockerfile . >/dev/null
+
+ferretdb-image: $(FERRETDB)
+	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
+	@docker build -q -t cm-ferretdb:latest -f ferretdb/Dockerfile .build >/dev/null
+
+# CMD reaches the shell through the environment, unexpanded by make ($ and quotes survive).
+exec-head: override export CMD := $(value CMD)
+exec-head: ## A shell on the head as $USER in /home/$USER; CMD='...' runs that command instead
+	@$(PYTHON) scripts/cluster add-user --file $(CM_DRIVE)/etc/users --user $(USER) -- $(COMPOSE)
+	@if [ -n "$$CMD" ]; then \
+	  $(COMPOSE) exec -T -u $(USER) -w /home/$(USER) head bash -l -c "$$CMD"; \
 	else \
-	  $(CMCLUSTER) up --nodes $(NODES) --dir $(CLUSTER_DIR) >/dev/null; \
+	  $(COMPOSE) exec -u $(USER) -w /home/$(USER) head bash -l; \
 	fi
-	@CM_SOCKET=$(CLUSTER_DIR)/cm.sock $(PYTHON) cm/bin/cminfo
-	@echo
-	@echo "Use it from this shell:"
-	@echo "  export PATH=$(CURDIR)/cm/bin:\$$PATH CM_SOCKET=$(CLUSTER_DIR)/cm.sock"
-	@echo "  cmrun -n 2 -p 2 --wait hostname"
 
-down: ## Stop the local cluster
-	$(CMCLUSTER) down --dir $(CLUSTER_DIR)
+down: ## Stop the cluster; its containers, jobs and nodes stay for the next `make`
+	$(COMPOSE) stop
 
-status: ## Show the local cluster's processes
-	$(CMCLUSTER) status --dir $(CLUSTER_DIR)
+clean: ## Remove the containers, the project's images and the database's data
+	-$(COMPOSE) down --remove-orphans --volumes
+	-docker image rm cm-head:latest cm-compute:latest cm-ferretdb:latest cm-base:latest 2>/dev/null
+	rm -rf $(CM_DRIVE)/db/mongo $(CM_DRIVE)/db/ferretdb
+
+logs: ## The daemons' recent logs
+	$(COMPOSE) logs --tail=100
 
 test: deps ferretdb ## Run every test (installs what is missing first)
-	$(PYTHON) -m pytest -p no:cacheprovider --timeout 300 -q tests
+	$(PYTHON) -m pytest -p no:cacheprovider --timeout 900 -q tests
 
 unit: ## Only the tests that need no cluster
 	$(PYTHON) -m pytest -p no:cacheprovider -q tests/test_units.py tests/test_placement.py \
-	  tests/test_jobs.py tests/test_messages.py tests/test_config.py
+	  tests/test_jobs.py tests/test_messages.py tests/test_config.py tests/test_users.py
+
+local: deps ferretdb ## A cluster of local processes instead of containers (cmcluster)
+	@$(PYTHON) cm/bin/cmcluster status --dir $(CLUSTER_DIR) >/dev/null 2>&1 \
+	  || $(PYTHON) cm/bin/cmcluster up --nodes $(NODES) --dir $(CLUSTER_DIR) >/dev/null
+	@CM_SOCKET=$(CLUSTER_DIR)/cm.sock $(PYTHON) cm/bin/cminfo
+	@echo "Use it from this shell:"
+	@echo "  export PATH=$(CURDIR)/cm/bin:\$$PATH CM_SOCKET=$(CLUSTER_DIR)/cm.sock"
+
+local-down: ## Stop the local-process cluster
+	$(PYTHON) cm/bin/cmcluster down --dir $(CLUSTER_DIR)
 
 deps: ## Install the Debian packages cm needs, if any is missing
 	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing $$missing"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  echo "installing" $$missing; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@command -v $(GO) >/dev/null 2>&1 || { echo "installing golang-go"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go; }
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null; }
 
-ferretdb: $(FERRETDB) ## Build the MongoDB-wire server used by local clusters and tests
+ferretdb: $(FERRETDB) ## Build the MongoDB-wire server used by local clusters, tests and the offline image
 
+# Static (no cgo), so the same binary runs on the host and in the image.
 $(FERRETDB): ferretdb/main.go ferretdb/go.mod ferretdb/go.sum
-	cd ferretdb && $(GO) build -trimpath -o ../$(FERRETDB) .
+	cd ferretdb && CGO_ENABLED=0 $(GO) build -trimpath -o ../$(FERRETDB) .
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
