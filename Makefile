@@ -15,11 +15,15 @@ CM_DRIVE    ?= $(CURDIR)/drive
 # mongo where the image can be pulled, else FerretDB built here; or say DB=mongo / DB=ferretdb.
 DB          ?= auto
 MONGO_IMAGE := mongo:7
+# ADDRESS:PORT on this host where compute nodes outside the containers reach the head (off if empty).
+PUBLISH     ?=
 CLUSTER_DIR ?= /tmp/cmcluster-$(shell id -u)
 USER        ?= $(shell id -un)
 # `docker compose` (the plugin) where it exists, else docker-compose.
 COMPOSE_BIN := $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; else echo docker-compose; fi)
-COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml
+COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) \
+               $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml \
+               $(if $(PUBLISH),-f $(CURDIR)/docker-compose.publish.yml)
 FERRETDB    := .build/cm-ferretdb
 DEBS        := python3-zmq python3-pymongo python3-mongoengine python3-psutil \
                python3-pytest python3-pytest-timeout python3-docker docker-compose mmdebstrap

@@ -125,12 +125,13 @@ class Runner:
     def _open_logs(self, spec, rank):
         top = os.path.join(spec.workdir, "cmlogs")
         directory = os.path.join(top, str(spec.job))
-        os.makedirs(directory, exist_ok=True)
+        made = [d for d in (top, directory) if _mkdir(d)]
         paths = [os.path.join(directory, f"{rank}.{kind}") for kind in ("out", "err")]
         files = [open(p, "wb") for p in paths]
         if self.as_root and spec.uid != 0:
-            # Made by root on the user's behalf: hand them over.
-            for p in (top, directory, *paths):
+            # Made by root on the user's behalf: hand over what we made, and
+            # only that (a shared cmlogs/ keeps its owner).
+            for p in (*made, *paths):
                 os.chown(p, spec.uid, spec.gid)
         return files
 
@@ -212,3 +213,12 @@ def _signal_group(pgid, sig):
         pass
     except PermissionError as e:
         log.warning("cannot signal process group %d: %s", pgid, e)
+
+
+def _mkdir(path):
+    """Make a directory; True if this call made it (another rank may race us to it)."""
+    try:
+        os.mkdir(path)
+        return True
+    except FileExistsError:
+        return False

@@ -1,0 +1,221 @@
+"""The container cluster, end to end: `make` brings it up on a compose project
+of its own with a drive of its own; the tests act as a user inside the head
+(through the Docker SDK) and check what a user would see, on the cluster and
+on the host's drive. Everything is torn down afterwards."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import docker
+import pytest
+
+from conftest import ROOT, wait_until
+
+USER, UID = "cmtest", 23456
+# Short timings for the test clusters, through the site settings file in drive/etc.
+SITE_CONF = "heartbeat_interval = 0.5\nnode_timeout = 2\nkill_grace = 2\n"
+NODE_TIMEOUT = 2.0
+
+
+class ContainerCluster:
+    def __init__(self, nodes=3):
+        self.project = f"cmt{uuid.uuid4().hex[:8]}"
+        self.drive = tempfile.mkdtemp(prefix="cmdrive-")
+        self.nodes = nodes
+        os.makedirs(os.path.join(self.drive, "etc"))
+        with open(os.path.join(self.drive, "etc", "users"), "w") as f:
+            f.write(f"{USER}:{UID}:{UID}\n")
+        with open(os.path.join(self.drive, "etc", "cm.conf"), "w") as f:
+            f.write(SITE_CONF)
+        self.docker = docker.from_env()
+
+    def make(self, *targets, **variables):
+        variables = {"PROJECT": self.project, "CM_DRIVE": self.drive, "NODES": str(self.nodes), **variables}
+        return subprocess.run(["make", "-C", ROOT, *targets, *(f"{k}={v}" for k, v in variables.items())],
+                              capture_output=True, text=True, timeout=900)
+
+    def up(self):
+        # The head's port is published on loopback, for compute daemons outside the containers.
+        self.port = free_port()
+        proc = self.make("up", PUBLISH=f"127.0.0.1:{self.port}")
+        assert proc.returncode == 0, f"make up failed:\n{proc.stdout}\n{proc.stderr}"
+
+    def down(self):
+        if getattr(self, "failed", False):
+            subprocess.run(["make", "-C", ROOT, "-s", "logs", f"PROJECT={self.project}", f"CM_DRIVE={self.drive}"],
+                           timeout=120)
+        for c in self.containers():
+            c.remove(force=True)
+        for net in self.docker.networks.list(filters={"label": f"com.docker.compose.project={self.project}"}):
+            net.remove()
+        shutil.rmtree(self.drive, ignore_errors=True)
+
+    def containers(self, service=None):
+        labels = [f"com.docker.compose.project={self.project}"]
+        if service:
+            labels.append(f"com.docker.compose.service={service}")
+        return self.docker.containers.list(all=True, filters={"label": labels})
+
+    @property
+    def head(self):
+        return self.containers("head")[0]
+
+    def computes(self):
+        return sorted(self.containers("compute"), key=lambda c: c.name)
+
+    def run(self, command, user=USER):
+        """A shell command on the head, as a user in their home; returns (exit code, output)."""
+        code, out = self.head.exec_run(["bash", "-lc", command], user=user, workdir=f"/home/{user}")
+        return code, out.decode(errors="replace")
+
+    def ok(self, command, user=USER):
+        code, out = self.run(command, user)
+        assert code == 0, f"{command!r} exited {code}: {out}"
+        return out
+
+    def info(self, *args):
+        return json.loads(self.ok("cminfo --json " + " ".join(args)))
+
+    def job(self, job_id):
+        return self.info("-j", str(job_id))["jobs"][0]
+
+    def wait_state(self, job_id, states, timeout=30.0):
+        states = {states} if isinstance(states, str) else set(states)
+        return wait_until(lambda: (j := self.job(job_id))["state"] in states and j, timeout,
+                          f"job {job_id} to be {'/'.join(sorted(states))}")
+
+    def home(self, *parts):
+        return os.path.join(self.drive, "home", USER, *parts)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_docker():
+    try:
+        docker.from_env().ping()
+    except Exception as e:                # under CI this is a failure, never a skip
+        pytest.fail(f"the container tests need a running Docker engine: {e}")
+
+
+@pytest.fixture(scope="module")
+def cc(request):
+    need_docker()
+    cluster = ContainerCluster()
+    request.addfinalizer(cluster.down)
+    cluster.up()
+    return cluster
+
+
+@pytest.fixture(autouse=True)
+def _mark_failed(request):
+    yield
+    if getattr(request.node, "_failed", False) and "cc" in request.fixturenames:
+        request.getfixturevalue("cc").failed = True
+
+
+def test_the_cluster_comes_up_with_three_compute_nodes(cc):
+    nodes = cc.info("--nodes")["nodes"]
+    hostnames = {c.attrs["Config"]["Hostname"] for c in cc.computes()}
+    assert len(hostnames) == 3
+    assert {n["name"] for n in nodes if n["state"] == "UP"} == hostnames
+    assert all(n["cpus"] >= 1 for n in nodes)
+
+
+def test_a_users_job_writes_its_logs_on_the_shared_home_owned_by_the_user(cc):
+    cc.ok("printf '#!/bin/sh\\necho \"$CM_RANK $(hostname) $(id -un)\"\\n' > ranks.sh && chmod +x ranks.sh")
+    out = cc.ok("cmrun -n 3 -p 2 --wait ./ranks.sh")
+    job_id = int(out.strip())
+    logs = cc.home("cmlogs", str(job_id))
+    outs = sorted(f for f in os.listdir(logs) if f.endswith(".out"))
+    assert outs == [f"{rank}.out" for rank in range(6)]
+    hosts = set()
+    for rank in range(6):
+        path = os.path.join(logs, f"{rank}.out")
+        assert os.stat(path).st_uid == UID
+        with open(path) as f:
+            got_rank, host, user = f.read().split()
+        assert (int(got_rank), user) == (rank, USER)
+        hosts.add(host)
+    assert hosts == {c.attrs["Config"]["Hostname"] for c in cc.computes()}
+    assert os.stat(cc.home("cmlogs")).st_uid == UID
+
+
+def test_cmkill_ends_a_running_job_cancelled(cc):
+    job_id = int(cc.ok("cmrun -n 2 sleep 300").strip())
+    cc.wait_state(job_id, "RUNNING")
+    cc.ok(f"cmkill {job_id}")
+    job = cc.wait_state(job_id, "CANCELLED")
+    assert job["reason"] == f"cancelled by {USER}"
+
+
+def test_restarting_the_head_keeps_every_job_and_node_record(cc):
+    before = int(cc.ok("cmrun --wait true").strip())
+    running = int(cc.ok("cmrun sleep 300").strip())
+    cc.wait_state(running, "RUNNING")
+    nodes = {n["name"] for n in cc.info("--nodes")["nodes"]}
+    cc.head.restart(timeout=20)
+    wait_until(lambda: cc.run("cminfo --nodes")[0] == 0, timeout=60, what="the head to answer again")
+    assert cc.job(before)["state"] == "COMPLETED"
+    assert cc.job(running)["state"] == "RUNNING"          # still running on its node, re-adopted
+    assert {n["name"] for n in cc.info("--nodes")["nodes"]} == nodes
+    after = int(cc.ok("cmrun --wait true").strip())
+    assert after == running + 1
+    cc.ok(f"cmkill {running}")
+    cc.wait_state(running, "CANCELLED")
+
+
+def test_a_compute_daemon_outside_the_containers_joins_and_runs_tasks(cc):
+    name = f"outside-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, CM_HEAD_HOST="127.0.0.1", CM_HEAD_PORT=str(cc.port), CM_HEARTBEAT_INTERVAL="0.5",
+               CM_NODE_TIMEOUT="2")
+    daemon = subprocess.Popen([os.path.join(ROOT, "cm", "bin", "cmdaemon"), "--role", "compute", "--name", name,
+                               "--cpus", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: any(n["name"] == name and n["state"] == "UP" for n in cc.info("--nodes")["nodes"]),
+                   timeout=20, what=f"{name} to register")
+        # Four nodes: the three containers and this host. /tmp exists on all of them.
+        out = cc.ok("cmrun -n 4 -D /tmp --wait sh -c 'echo $CM_NODENAME $(id -u)'")
+        job = cc.job(int(out.strip()))
+        assert job["state"] == "COMPLETED" and name in job["node_list"]
+        rank = job["node_list"].index(name)
+        host_log = f"/tmp/cmlogs/{job['id']}/{rank}.out"
+        with open(host_log) as f:
+            assert f.read().split() == [name, str(UID)]
+        assert os.stat(host_log).st_uid == UID
+        shutil.rmtree(f"/tmp/cmlogs/{job['id']}")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    wait_until(lambda: {n["name"]: n["state"] for n in cc.info("--nodes")["nodes"]}[name] == "DOWN",
+               timeout=10, what=f"{name} DOWN once stopped")
+
+
+def test_a_killed_compute_container_marks_its_node_down_and_its_jobs_fail_or_requeue(cc):
+    plain = int(cc.ok("cmrun sleep 300").strip())
+    node = cc.wait_state(plain, "RUNNING")["node_list"][0]
+    # Best fit puts the second job on the same, fuller node.
+    retried = int(cc.ok("cmrun --retries 1 sleep 300").strip())
+    assert cc.wait_state(retried, "RUNNING")["node_list"] == [node]
+    victim = next(c for c in cc.computes() if c.attrs["Config"]["Hostname"] == node)
+    victim.kill()
+    killed_at = time.monotonic()
+    wait_until(lambda: {n["name"]: n["state"] for n in cc.info("--nodes")["nodes"]}[node] == "DOWN",
+               timeout=NODE_TIMEOUT + 5, what=f"node {node} DOWN")
+    detected = time.monotonic() - killed_at
+    assert detected <= NODE_TIMEOUT + 2, f"DOWN after {detected:.1f}s with node_timeout {NODE_TIMEOUT}s"
+    assert f"node {node} lost" in cc.wait_state(plain, "NODE_FAIL")["reason"]
+    again = wait_until(lambda: (j := cc.job(retried))["state"] == "RUNNING" and j["attempt"] == 1 and j,
+                       timeout=30, what="the job with a retry to run again")
+    assert again["node_list"] != [node]
+    cc.ok(f"cmkill {retried}")
+    cc.wait_state(retried, "CANCELLED")
