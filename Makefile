@@ -69,6 +69,7 @@ down: ## Stop the cluster; its containers, jobs and nodes stay for the next `mak
 clean: ## Remove the containers, the project's images and the database's data
 	-$(COMPOSE) down --remove-orphans --volumes
 	-docker image rm cm-head:latest cm-compute:latest cm-ferretdb:latest cm-base:latest 2>/dev/null
+	-docker image prune -f --filter label=org.cm.image=true >/dev/null
 	rm -rf $(CM_DRIVE)/db/mongo $(CM_DRIVE)/db/ferretdb
 
 logs: ## The daemons' recent logs
