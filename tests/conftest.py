@@ -121,10 +121,11 @@ def _need_ferretdb():
         pytest.fail("cm-ferretdb is not built: run `make ferretdb` (the README's test command does)")
 
 
-def make_cluster(request, nodes=3, cpus=2):
+def make_cluster(request, nodes=3, cpus=2, env=None):
     # Short paths: a Unix socket path has at most 107 bytes.
     directory = tempfile.mkdtemp(prefix="cmt-")
     cluster = Cluster(directory, nodes, cpus)
+    cluster.env.update(env or {})
     cluster.up()
 
     def finish():

@@ -37,3 +37,14 @@ def test_a_job_with_retries_is_requeued_and_runs_elsewhere(own_cluster):
     assert again["node_list"] != first["node_list"] and again["retries"] == 0
     c.ok("cmkill", str(job_id))
     c.wait_state(job_id, "CANCELLED")
+
+
+def test_a_node_down_long_enough_is_forgotten_and_may_register_again(request):
+    from conftest import make_cluster
+    c = make_cluster(request, nodes=2, env={"CM_NODE_FORGET_AFTER": "2"})
+    kill_node(c, "node2")
+    wait_until(lambda: c.node_states().get("node2") == "DOWN", timeout=TIMEOUT + 3, what="node2 DOWN")
+    wait_until(lambda: "node2" not in c.node_states(), timeout=10, what="node2 forgotten")
+    assert c.node_states() == {"node1": "UP"}
+    c.ok("cmcluster", "restart", "node2", "--dir", c.dir)
+    wait_until(lambda: c.node_states() == {"node1": "UP", "node2": "UP"}, what="node2 registered again")

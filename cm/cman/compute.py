@@ -93,6 +93,7 @@ class Compute:
         self.collect_ended()
         if self.socket is not None:
             self.socket.close(0)
+        self.mark_registered(False)
         log.info("node %s stopped", self.name)
 
     # ------------------------------------------------------------------ the loop
@@ -129,7 +130,22 @@ class Compute:
                 self.send(messages.Heartbeat(**self.usage.sample()))
             self.next_heartbeat = now + self.heartbeat_interval
 
+    def mark_registered(self, registered):
+        """Keep status_file in step with being registered (for health checks); on changes only."""
+        path = self.cfg.status_file
+        if not path:
+            return
+        try:
+            if registered:
+                with open(path, "w") as f:
+                    f.write(f"{self.name}\n")
+            elif os.path.exists(path):
+                os.unlink(path)
+        except OSError as e:
+            log.warning("cannot update status file %s: %s", path, e)
+
     def reconnect(self, now):
+        self.mark_registered(False)
         log.warning("node %s: no word from the head for %.1fs; reconnecting in %.1fs",
                     self.name, now - self.last_heard, self.backoff)
         self.sleep_awake(self.backoff)
@@ -181,6 +197,7 @@ class Compute:
     def on_welcome(self, msg):
         if not self.welcomed:
             log.info("node %s registered with the head", self.name)
+            self.mark_registered(True)
         self.welcomed = True
         self.backoff = self.cfg.heartbeat_interval
         self.heartbeat_interval, self.head_timeout = msg.heartbeat_interval, msg.node_timeout

@@ -43,6 +43,12 @@ def _text(text):
     return text
 
 
+def _optional_path(text):
+    if text and not text.startswith("/"):
+        raise ValueError
+    return text
+
+
 def _url(text):
     if not text.startswith(("mongodb://", "mongodb+srv://")):
         raise ValueError
@@ -66,6 +72,7 @@ SCHEMA = {
     "head_bind": (_text, "an address such as 127.0.0.1 or 0.0.0.0"),
     "heartbeat_interval": SECONDS,
     "node_timeout": SECONDS,
+    "node_forget_after": (_count(0), "a whole number of seconds >= 0 (0: never)"),
     "reconnect_max": SECONDS,
     "kill_grace": SECONDS,
     "request_timeout": SECONDS,
@@ -76,6 +83,7 @@ SCHEMA = {
     "default_time": (units.parse_time_limit, units.TIME_FORMS + " (0: unlimited)"),
     "default_retries": (_count(0), "a whole number >= 0"),
     "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
+    "status_file": (_optional_path, "an absolute path, or nothing"),
     "log_level": (_level, "debug, info, warning or error"),
 }
 

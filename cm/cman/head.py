@@ -12,7 +12,7 @@ Where to look:
   a job is launched  start_job() -> a Launch message to each of its nodes
   a job is reaped    on_task_ended() -> finish_job() once every task has
                      been reported ended
-  a node is lost     expire_nodes() -> node_lost()
+  a node is lost     run_timers() -> node_lost()
 """
 import bisect
 import collections
@@ -40,6 +40,8 @@ log = logging.getLogger("cm.head")
 BATCH = 500
 # Remembered replies to CLI requests, so that a retried request gets its first answer.
 REPLIES_KEPT = 10000
+# What a node timer checks: that an UP node has been heard from; that a DOWN one may be forgotten.
+LIVENESS, FORGET = "liveness", "forget"
 
 
 class Node:
@@ -95,7 +97,7 @@ class Head:
         self.ended = collections.OrderedDict()   # id -> Job, the latest ended ones
         self.waiters = {}                # job id -> callers waiting for its end
         self.replies = collections.OrderedDict()  # (uid, request id) -> the reply given
-        self.expiry = []                 # heap of (deadline, node name), one per UP node
+        self.timers = []                 # heap of (deadline, what, node name): LIVENESS per UP node, FORGET per DOWN one
         self.unsaved = {}                # (kind, key) -> fields whose write failed; retried
         self.triggers = set()            # why the next placement pass runs
         self.next_id = 0
@@ -124,7 +126,10 @@ class Head:
             if node.state == NodeState.UP:
                 # Up when the last head stopped: give it a full time-out to register with us.
                 node.last_seen = now
-                heapq.heappush(self.expiry, (now + self.cfg.node_timeout, node.name))
+                self.set_timer(now + self.cfg.node_timeout, LIVENESS, node.name)
+            else:
+                down_for = self.wall() - (node.state_since or self.wall())
+                self.plan_forget(node, now, already=down_for)
         for fields in self.store.load_active_jobs(JobState.ACTIVE):
             job = Job(**fields)
             self.jobs[job.id] = job
@@ -190,7 +195,7 @@ class Head:
             elif self.cli.owns(item):
                 self.cli.handle(item, events)
         now = self.clock()
-        self.expire_nodes(now)
+        self.run_timers(now)
         self.cli.expire(now)
         if self.unsaved:
             self.flush_unsaved()
@@ -199,7 +204,7 @@ class Head:
 
     def poll_timeout(self):
         """Milliseconds until the next thing that is due, or None to wait for traffic."""
-        deadlines = [d for d in (self.expiry[0][0] if self.expiry else None, self.cli.next_deadline())
+        deadlines = [d for d in (self.timers[0][0] if self.timers else None, self.cli.next_deadline())
                      if d is not None]
         if self.unsaved:
             deadlines.append(self.clock() + 1.0)     # retry failed writes each second
@@ -266,7 +271,7 @@ class Head:
             # DOWN -> UP: it is back (or new); it gets work on the next pass.
             node.state, node.reason, node.state_since = NodeState.UP, "", self.wall()
             changed.update(state=node.state, reason="", state_since=node.state_since)
-            heapq.heappush(self.expiry, (now + self.cfg.node_timeout, name))
+            self.set_timer(now + self.cfg.node_timeout, LIVENESS, name)
         if changed:
             changed.setdefault("cpus", node.cpus)
             changed.setdefault("mem_mb", node.mem_mb)
@@ -347,17 +352,41 @@ class Head:
             else:
                 self.finish_job(job)
 
-    def expire_nodes(self, now):
-        while self.expiry and self.expiry[0][0] <= now:
-            _, name = heapq.heappop(self.expiry)
-            node = self.nodes[name]
-            if node.state != NodeState.UP:
+    def set_timer(self, deadline, what, name):
+        heapq.heappush(self.timers, (deadline, what, name))
+
+    def run_timers(self, now):
+        while self.timers and self.timers[0][0] <= now:
+            _, what, name = heapq.heappop(self.timers)
+            node = self.nodes.get(name)
+            if node is None:
                 continue
-            due = node.last_seen + self.cfg.node_timeout
-            if due > now:
-                heapq.heappush(self.expiry, (due, name))
-                continue
-            self.node_lost(node, f"silent for {now - node.last_seen:.1f}s")
+            if what == LIVENESS and node.state == NodeState.UP:
+                due = node.last_seen + self.cfg.node_timeout
+                if due > now:
+                    self.set_timer(due, LIVENESS, name)   # heard from since: check again then
+                else:
+                    self.node_lost(node, f"silent for {now - node.last_seen:.1f}s")
+            elif what == FORGET and node.state == NodeState.DOWN and not node.jobs:
+                down_for = self.wall() - (node.state_since or 0)
+                if down_for >= self.cfg.node_forget_after:
+                    self.forget_node(node)
+                else:                     # down again since this timer was set: wait out the rest
+                    self.plan_forget(node, now, already=down_for)
+
+    def plan_forget(self, node, now, already=0.0):
+        if self.cfg.node_forget_after:
+            self.set_timer(now + max(0.0, self.cfg.node_forget_after - already), FORGET, node.name)
+
+    def forget_node(self, node):
+        # DOWN -> forgotten: gone long enough that it is no longer part of the
+        # cluster (a removed or recreated container); if it returns, it registers anew.
+        log.info("node %s forgotten after %gs DOWN", node.name, self.cfg.node_forget_after)
+        del self.nodes[node.name]
+        try:
+            self.store.delete_node(node.name)
+        except StoreError as e:       # it stays in the database; the next head forgets it again
+            log.error("database delete of node %s failed: %s", node.name, e)
 
     def node_lost(self, node, why):
         # UP -> DOWN: its tasks are gone; each of their jobs is requeued or ends NODE_FAIL.
@@ -367,6 +396,7 @@ class Head:
         self.write("node", node.name, {"state": node.state, "reason": why, "state_since": node.state_since,
                                        "cpus": node.cpus, "mem_mb": node.mem_mb})
         self.fail_tasks_on(node, f"node {node.name} lost: {why}")
+        self.plan_forget(node, self.clock())
         self.triggers.add(f"node {node.name} lost")
 
     def fail_tasks_on(self, node, why):

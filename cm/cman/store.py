@@ -118,3 +118,6 @@ class Store:
 
     def save_node(self, name, fields):
         self.nodes.update_one({"_id": name}, {"$set": fields}, upsert=True)
+
+    def delete_node(self, name):
+        self.nodes.delete_one({"_id": name})
