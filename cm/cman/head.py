@@ -2,15 +2,17 @@
 
 It serves two endpoints in one event loop: a ZeroMQ ROUTER where compute
 daemons register, heartbeat and report task ends, and a Unix socket for the
-CLI (cliserver). Nodes and jobs live in memory and every change is written
-through to MongoDB by _id; heartbeats stay in memory.
+CLI (cliserver). Nodes and jobs live in memory; every change goes to MongoDB
+through the writer thread (writer.py), by _id, in order, and the head acts
+on a change only once it is durable. Heartbeats stay in memory.
 
 Where to look:
   a job is placed    schedule() -> placement.place(), run after any event
                      that can change the answer (submit, node ready, task
                      ended, node lost, cancel), never on a timer
-  a job is launched  start_job() -> a Launch message to each of its nodes
-  a job is reaped    on_task_ended() -> finish_job() once every task has
+  a job is launched  start_job() -> once RUNNING is recorded, launch() sends
+                     a Launch message to each of its nodes
+  a job is reaped    apply_task_ends() -> finish_job() once every task has
                      been reported ended
   a node is lost     run_timers() -> node_lost()
 """
@@ -32,6 +34,7 @@ from .jobs import Job
 from .messages import BadMessage
 from .store import StoreError
 from .vocab import EndCause, JobState, NodeState, Op, PendingReason
+from .writer import Writer
 
 log = logging.getLogger("cm.head")
 
@@ -42,6 +45,8 @@ BATCH = 500
 REPLIES_KEPT = 10000
 # What a node timer checks: that an UP node has been heard from; that a DOWN one may be forgotten.
 LIVENESS, FORGET = "liveness", "forget"
+# Seconds the head waits, when stopping, for its queued writes to reach the database.
+FLUSH_ON_STOP = 5.0
 
 
 class Node:
@@ -96,11 +101,12 @@ class Head:
         self.pending = []                # ids of PENDING jobs, in submission order
         self.ended = collections.OrderedDict()   # id -> Job, the latest ended ones
         self.waiters = {}                # job id -> callers waiting for its end
-        self.replies = collections.OrderedDict()  # (uid, request id) -> the reply given
+        self.replies = collections.OrderedDict()  # (uid, request id) -> the reply, or None while in progress
+        self.retries = {}                # (uid, request id) -> callers who asked again meanwhile
         self.timers = []                 # heap of (deadline, what, node name): LIVENESS per UP node, FORGET per DOWN one
-        self.unsaved = {}                # (kind, key) -> fields whose write failed; retried
         self.triggers = set()            # why the next placement pass runs
-        self.next_id = 0
+        self.writer = None
+        self.db_available = True
         self.stopping = False
         self.compute_handlers = {
             Op.REGISTER: self.on_register,
@@ -117,8 +123,20 @@ class Head:
     # ------------------------------------------------------------------ start and stop
 
     def load_state(self):
-        """Rebuild the working set from the database (at start, and after a restart)."""
-        for d in self.store.load_nodes():
+        """Rebuild the working set from the database (at start, and after a restart).
+        Waits for the database if it is not there yet."""
+        pause = 0.1
+        while True:
+            try:
+                nodes = self.store.load_nodes()
+                active = self.store.load_active_jobs(JobState.ACTIVE)
+                next_id = self.store.last_job_id() + 1
+                break
+            except StoreError as e:
+                log.error("database %s unavailable (%s); trying again in %.1fs", self.store.url, e, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+        for d in nodes:
             self.nodes[d["name"]] = Node(d["name"], d["cpus"], d["mem_mb"], d["state"],
                                          d.get("reason", ""), d.get("state_since"))
         now = self.clock()
@@ -130,23 +148,26 @@ class Head:
             else:
                 down_for = self.wall() - (node.state_since or self.wall())
                 self.plan_forget(node, now, already=down_for)
-        for fields in self.store.load_active_jobs(JobState.ACTIVE):
+        for fields in active:
             job = Job(**fields)
             self.jobs[job.id] = job
+            if job.request_id:
+                self.replies[(job.uid, job.request_id)] = {"ok": True, "job_id": job.id}
             if job.state == JobState.PENDING:
                 self.pending.append(job.id)
             else:
                 for name in job.outstanding:
                     self.allocate(job, name)
-        self.next_id = self.store.last_job_id() + 1
+        self.writer = Writer(self.store, next_id)
         for node in self.nodes.values():
             if node.state == NodeState.DOWN and node.jobs:
                 self.fail_tasks_on(node, f"node {node.name} was down when the head started")
         log.info("loaded %d nodes, %d pending and %d running jobs; next job id %d",
-                 len(self.nodes), len(self.pending), len(self.jobs) - len(self.pending), self.next_id)
+                 len(self.nodes), len(self.pending), len(self.jobs) - len(self.pending), next_id)
         self.triggers.add("head start")
 
     def open(self):
+        self.writer.start()
         self.ctx = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -158,6 +179,7 @@ class Head:
         self.router.bind(f"tcp://{self.cfg.head_bind}:{self.cfg.head_port}")
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.writer.wake_r, zmq.POLLIN)
         self.cli = CliServer(self.cfg.socket, self.poller, self.on_cli_request,
                              self.cfg.request_timeout, self.clock)
         # Signal handlers only set a flag; the wake-up pipe ends the poll.
@@ -177,6 +199,7 @@ class Head:
     def close(self):
         self.cli.shutdown()
         self.router.close(0)
+        self.writer.stop(FLUSH_ON_STOP)
 
     # ------------------------------------------------------------------ the loop
 
@@ -190,6 +213,8 @@ class Head:
         for item, events in self.poller.poll(timeout):
             if item is self.router:
                 self.drain_compute()
+            elif item == self.writer.wake_r:
+                self.on_writes_finished()
             elif item == self.wake_r:
                 self.drain_wakeups()
             elif self.cli.owns(item):
@@ -197,8 +222,6 @@ class Head:
         now = self.clock()
         self.run_timers(now)
         self.cli.expire(now)
-        if self.unsaved:
-            self.flush_unsaved()
         if self.triggers:
             self.schedule()
 
@@ -206,8 +229,6 @@ class Head:
         """Milliseconds until the next thing that is due, or None to wait for traffic."""
         deadlines = [d for d in (self.timers[0][0] if self.timers else None, self.cli.next_deadline())
                      if d is not None]
-        if self.unsaved:
-            deadlines.append(self.clock() + 1.0)     # retry failed writes each second
         if not deadlines:
             return None
         return max(0, int((min(deadlines) - self.clock()) * 1000) + 1)
@@ -254,6 +275,16 @@ class Head:
             log.warning("could not send %s to node %s: %s", msg.OP, name, e)
             return False
 
+    def on_writes_finished(self):
+        for op, outcome in self.writer.take_finished():
+            if op is None:                # the database went away, or came back
+                self.db_available = outcome
+                continue
+            try:
+                op.done(outcome, op.result)
+            except Exception:
+                log.exception("error after the database %s", op.method)
+
     # ------------------------------------------------------------------ compute daemons
 
     def on_register(self, name, msg):
@@ -276,7 +307,7 @@ class Head:
             changed.setdefault("cpus", node.cpus)
             changed.setdefault("mem_mb", node.mem_mb)
             changed.setdefault("state", node.state)
-            self.write("node", name, changed)
+            self.writer.save_node(name, changed)
         self.triggers.add(f"node {name} ready")
         log.info("node %s registered: %d CPUs, %d MiB, running %d tasks, reporting %d ended",
                  name, msg.cpus, msg.mem_mb, len(msg.running), len(msg.ended))
@@ -292,6 +323,8 @@ class Head:
         lost = []
         for job_id in sorted(node.jobs):
             job = self.jobs[job_id]
+            if not job.launched:
+                continue                  # its launch waits for the database; nothing to find yet
             for rank in sorted(job.outstanding.get(node.name, ())):
                 if (job.id, job.attempt, rank) not in running:
                     lost.append({"job": job.id, "attempt": job.attempt, "rank": rank, "cause": EndCause.LOST,
@@ -327,7 +360,8 @@ class Head:
         node.last_seen = self.clock()
         self.apply_task_ends(name, msg.ended)
         keys = [{"job": r["job"], "attempt": r["attempt"], "rank": r["rank"]} for r in msg.ended]
-        self.send(name, messages.EndedAck(keys=keys))
+        # Acknowledged once recorded: a head that dies first is told again by the node.
+        self.writer.barrier(lambda error, _: self.send(name, messages.EndedAck(keys=keys)))
 
     def apply_task_ends(self, node_name, reports):
         touched = {}
@@ -348,7 +382,7 @@ class Head:
             if node_name not in job.outstanding and job.id in self.nodes[node_name].jobs:
                 self.release(job, node_name)
             if job.outstanding:
-                self.write("job", job.id, {f: getattr(job, f) for f in ("exit_code", "exit_signal", "ended_ranks")})
+                self.write_job(job, ("exit_code", "exit_signal", "ended_ranks"))
             else:
                 self.finish_job(job)
 
@@ -383,18 +417,15 @@ class Head:
         # cluster (a removed or recreated container); if it returns, it registers anew.
         log.info("node %s forgotten after %gs DOWN", node.name, self.cfg.node_forget_after)
         del self.nodes[node.name]
-        try:
-            self.store.delete_node(node.name)
-        except StoreError as e:       # it stays in the database; the next head forgets it again
-            log.error("database delete of node %s failed: %s", node.name, e)
+        self.writer.delete_node(node.name)
 
     def node_lost(self, node, why):
         # UP -> DOWN: its tasks are gone; each of their jobs is requeued or ends NODE_FAIL.
         log.warning("node %s DOWN: %s", node.name, why)
         node.state, node.reason, node.state_since = NodeState.DOWN, why, self.wall()
         node.connected = False
-        self.write("node", node.name, {"state": node.state, "reason": why, "state_since": node.state_since,
-                                       "cpus": node.cpus, "mem_mb": node.mem_mb})
+        self.writer.save_node(node.name, {"state": node.state, "reason": why, "state_since": node.state_since,
+                                          "cpus": node.cpus, "mem_mb": node.mem_mb})
         self.fail_tasks_on(node, f"node {node.name} lost: {why}")
         self.plan_forget(node, self.clock())
         self.triggers.add(f"node {node.name} lost")
@@ -449,23 +480,39 @@ class Head:
 
     def start_job(self, job, names):
         job.node_list = names
-        # PENDING -> RUNNING
+        # PENDING -> RUNNING: resources taken now; the tasks start once this is recorded,
+        # so that a head restarting in between never runs the job twice.
         changed = lifecycle.transition(job, JobState.RUNNING, self.wall())
+        job.launched = False
         for name in names:
             self.allocate(job, name)
-        self.write("job", job.id, {f: getattr(job, f) for f in changed})
-        common = dict(job=job.id, attempt=job.attempt, name=job.name, nnodes=job.nodes, ntasks=job.ntasks,
-                      nodelist=names, argv=job.argv, workdir=job.workdir, env=job.env,
+        attempt = job.attempt
+        self.write_job(job, changed, then=lambda error, _: self.launch(job, attempt))
+
+    def launch(self, job, attempt):
+        if job.state != JobState.RUNNING or job.attempt != attempt:
+            return                        # lost or requeued while it was being recorded
+        job.launched = True
+        if job.fate is not None:          # cancelled (or doomed) before it could start
+            for name, ranks in list(job.outstanding.items()):
+                self.apply_task_ends(name, [{"job": job.id, "attempt": attempt, "rank": rank,
+                                             "cause": EndCause.KILLED, "exit_code": None, "signal": None,
+                                             "message": ""} for rank in sorted(ranks)])
+            return
+        common = dict(job=job.id, attempt=attempt, name=job.name, nnodes=job.nodes, ntasks=job.ntasks,
+                      nodelist=job.node_list, argv=job.argv, workdir=job.workdir, env=job.env,
                       uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit)
-        for node_rank, name in enumerate(names):
+        for node_rank, name in enumerate(job.node_list):
             self.send(name, messages.Launch(ranks=job.ranks_on(node_rank), node_rank=node_rank, **common))
-        log.info("job %d started on %s (attempt %d)", job.id, ",".join(names), job.attempt)
+        log.info("job %d started on %s (attempt %d)", job.id, ",".join(job.node_list), attempt)
 
     def doom(self, job, fate, why):
         """Something ends a running job: record it and stop its tasks everywhere."""
         if not lifecycle.set_fate(job, fate):
             return
         job.reason = why
+        if not job.launched:
+            return                        # launch() sees the fate and starts nothing
         for name in sorted(job.outstanding):
             if self.nodes[name].state == NodeState.UP:
                 self.send(name, messages.Kill(job=job.id, attempt=job.attempt, reason=why))
@@ -475,7 +522,7 @@ class Head:
         if job.fate == lifecycle.REQUEUE:
             # RUNNING -> PENDING: back in the queue in its original place.
             changed = lifecycle.transition(job, JobState.PENDING, self.wall(), reason=PendingReason.REQUEUED)
-            self.write("job", job.id, {f: getattr(job, f) for f in changed})
+            self.write_job(job, changed)
             bisect.insort(self.pending, job.id)
             self.triggers.add(f"job {job.id} requeued")
             log.info("job %d requeued (%d retries left)", job.id, job.retries)
@@ -484,7 +531,7 @@ class Head:
         state = lifecycle.final_state(job)
         reason = job.reason if state != JobState.COMPLETED else ""
         changed = lifecycle.transition(job, state, self.wall(), reason=reason)
-        self.write("job", job.id, {f: getattr(job, f) for f in changed})
+        self.write_job(job, changed)
         self.retire(job)
 
     def retire(self, job):
@@ -499,36 +546,12 @@ class Head:
         log.info("job %d %s, exit code %d%s", job.id, job.state, job.exit_code,
                  f", signal {job.exit_signal}" if job.exit_signal else "")
 
-    def find_job(self, job_id):
-        """A job in memory, or from the database; None if there is no such job."""
-        job = self.jobs.get(job_id) or self.ended.get(job_id)
-        if job is None and 0 <= job_id < self.next_id:
-            fields = self.store.find_job(job_id)
-            job = None if fields is None else Job(**fields)
-        return job
+    def write_job(self, job, fields, then=None):
+        self.writer.update_job(job.id, {f: getattr(job, f) for f in fields}, then)
 
-    # ------------------------------------------------------------------ writes
-
-    def write(self, kind, key, fields):
-        """Write a change through; if the database is away, keep it and retry."""
-        pending = self.unsaved.pop((kind, key), None)
-        if pending:
-            fields = {**pending, **fields}
-        try:
-            if kind == "job":
-                self.store.update_job(key, fields)
-            else:
-                self.store.save_node(key, fields)
-        except StoreError as e:
-            self.unsaved[(kind, key)] = fields
-            log.error("database write of %s %s failed (%s); will retry", kind, key, e)
-
-    def flush_unsaved(self):
-        for (kind, key) in list(self.unsaved):
-            if (kind, key) in self.unsaved:
-                self.write(kind, key, {})
-            if (kind, key) in self.unsaved:
-                return                    # still away; try again later
+    def exists(self, job_id):
+        """Whether a job with this id was ever accepted (ids are given consecutively)."""
+        return 0 <= job_id < self.writer.next_job_id
 
     # ------------------------------------------------------------------ CLI
 
@@ -542,7 +565,7 @@ class Head:
         key = (caller.uid, msg.request_id)
         if msg.request_id and key in self.replies:
             log.info("request %s from uid %d is a retry; answering as before", msg.request_id, caller.uid)
-            self.cli.reply(caller, self.replies[key])
+            self.answer_retry(caller, msg, key)
             return
         try:
             self.cli_handlers[msg.OP](caller, msg)
@@ -550,16 +573,46 @@ class Head:
             log.exception("error handling %r from %r", msg, caller)
             self.cli.reply(caller, {"ok": False, "error": f"internal error in the head: {e}"})
 
-    def remember_reply(self, caller, msg, reply):
+    def answer_retry(self, caller, msg, key):
+        reply = self.replies[key]
+        if reply is None:                 # the first is still being answered
+            self.retries.setdefault(key, []).append((caller, msg))
+            return
+        waits = msg.OP == Op.SUBMIT and msg.get("wait", False) and reply.get("ok")
+        self.cli.reply(caller, reply, last=not waits)
+        if waits:
+            self.add_waiter(reply["job_id"], caller)
+
+    def begin(self, caller, msg):
+        """A request that changes state: remember that it is being answered."""
         if msg.request_id:
-            self.replies[(caller.uid, msg.request_id)] = reply
+            self.replies[(caller.uid, msg.request_id)] = None
+
+    def answer(self, caller, msg, reply, last=True):
+        """Reply, and keep the reply for a retry of the same request."""
+        key = (caller.uid, msg.request_id)
+        if msg.request_id:
+            self.replies[key] = reply
             while len(self.replies) > REPLIES_KEPT:
                 self.replies.popitem(last=False)
+        self.cli.reply(caller, reply, last=last)
+        for other, other_msg in self.retries.pop(key, ()):
+            self.answer_retry(other, other_msg, key)
+
+    def add_waiter(self, job_id, caller):
+        job = self.jobs.get(job_id) or self.ended.get(job_id)
+        if job is not None and job.state in JobState.FINAL:
+            self.cli.reply(caller, {"ok": True, "job": job.view(self.wall())})
+        else:
+            self.waiters.setdefault(job_id, []).append(caller)
 
     def on_submit(self, caller, msg):
+        if not self.db_available:
+            self.cli.reply(caller, {"ok": False, "error": "the cluster's database is unavailable; job not accepted, try again later"})
+            return
         cfg = self.cfg
         job = Job(
-            id=self.next_id, name=msg.get("name", os.path.basename(msg.argv[0])),
+            id=None, name=msg.get("name", os.path.basename(msg.argv[0])),
             user=user_name(caller.uid), uid=caller.uid, gid=caller.gid,
             argv=msg.argv, workdir=msg.workdir, env=msg.env,
             nodes=msg.get("nodes", cfg.default_nodes),
@@ -574,62 +627,96 @@ class Head:
         if why:
             self.cli.reply(caller, {"ok": False, "error": f"job refused: {why}"})
             return
-        try:
-            self.store.insert_job(job.stored())   # in the database before anyone sees its id
-        except StoreError as e:
-            log.error("job submission refused, the database is unavailable: %s", e)
-            self.cli.reply(caller, {"ok": False, "error": "the cluster's database is unavailable; job not accepted, try again"})
+        self.begin(caller, msg)
+        # In the database before anyone sees its id; the writer gives the id.
+        self.writer.insert_job(job.stored(), lambda error, job_id: self.accepted(caller, msg, job, error, job_id))
+
+    def accepted(self, caller, msg, job, error, job_id):
+        if error is not None:
+            log.error("job submission refused, the database write failed: %s", error)
+            self.replies.pop((caller.uid, msg.request_id), None)   # a retry may try again
+            reply = {"ok": False, "error": "the cluster's database is unavailable; job not accepted, try again later"}
+            self.cli.reply(caller, reply)
+            for other, _ in self.retries.pop((caller.uid, msg.request_id), ()):
+                self.cli.reply(other, reply)
             return
-        self.next_id += 1
+        job.id = job_id
         self.jobs[job.id] = job
         self.pending.append(job.id)
         self.triggers.add("submit")
-        reply = {"ok": True, "job_id": job.id}
-        self.remember_reply(caller, msg, reply)
         log.info("job %d submitted by %s: %d x %d x %d CPUs, %s", job.id, job.user, job.nodes,
                  job.procs_per_node, job.cpus_per_proc, " ".join(job.argv)[:200])
-        if msg.get("wait", False):
-            self.waiters.setdefault(job.id, []).append(caller)
-            self.cli.reply(caller, reply, last=False)
-        else:
-            self.cli.reply(caller, reply)
+        waits = msg.get("wait", False)
+        self.answer(caller, msg, {"ok": True, "job_id": job.id}, last=not waits)
+        if waits:
+            self.add_waiter(job.id, caller)
 
     def on_info(self, caller, msg):
-        now = self.wall()
         want_nodes, want_jobs = msg.get("nodes", False), msg.get("jobs", False)
         if not want_nodes and not want_jobs:
             want_nodes = want_jobs = True
         reply = {"ok": True, "nodes": [], "jobs": [], "missing": []}
         if want_nodes:
             reply["nodes"] = [self.nodes[n].view() for n in sorted(self.nodes, key=placement.node_sort_key)]
-        if want_jobs:
-            if msg.get("job_ids"):
-                for job_id in msg.job_ids:
-                    job = self.find_job(job_id)
-                    if job is None:
-                        reply["missing"].append(job_id)
-                    else:
-                        reply["jobs"].append(job.view(now))
-            elif msg.get("all", False):
-                stored = {f["id"]: Job(**f) for f in self.store.all_jobs()}
-                stored.update(self.ended)
-                stored.update(self.jobs)  # memory is newer than the database
-                reply["jobs"] = [stored[i].view(now) for i in sorted(stored)]
-            else:
-                reply["jobs"] = [self.jobs[i].view(now) for i in sorted(self.jobs)]
+        if not want_jobs:
+            self.cli.reply(caller, reply)
+        elif msg.get("job_ids"):
+            self.info_jobs(caller, reply, msg.job_ids)
+        elif msg.get("all", False):
+            self.writer.read("all_jobs", (), lambda error, stored: self.info_all(caller, reply, error, stored))
+        else:
+            now = self.wall()
+            reply["jobs"] = [self.jobs[i].view(now) for i in sorted(self.jobs)]
+            self.cli.reply(caller, reply)
+
+    def info_jobs(self, caller, reply, job_ids):
+        """The jobs asked for: from memory, and any older ones from the database."""
+        now = self.wall()
+        found, older = {}, []
+        for job_id in job_ids:
+            job = self.jobs.get(job_id) or self.ended.get(job_id)
+            if job is not None:
+                found[job_id] = job.view(now)
+            elif self.exists(job_id):
+                older.append(job_id)
+        def done(error, stored):
+            if error is not None:
+                self.cli.reply(caller, {"ok": False, "error": "the cluster's database is unavailable; try again later"})
+                return
+            found.update((f["id"], Job(**f).view(now)) for f in stored or ())
+            reply["jobs"] = [found[i] for i in job_ids if i in found]
+            reply["missing"] = [i for i in job_ids if i not in found]
+            self.cli.reply(caller, reply)
+        if older:
+            self.writer.read("find_jobs", (older,), done)
+        else:
+            done(None, [])
+
+    def info_all(self, caller, reply, error, stored):
+        if error is not None:
+            self.cli.reply(caller, {"ok": False, "error": "the cluster's database is unavailable; try again later"})
+            return
+        jobs = {f["id"]: Job(**f) for f in stored}
+        jobs.update(self.ended)
+        jobs.update(self.jobs)            # memory is newer than the database
+        now = self.wall()
+        reply["jobs"] = [jobs[i].view(now) for i in sorted(jobs)]
         self.cli.reply(caller, reply)
 
     def on_cancel(self, caller, msg):
-        results = []
-        for job_id in msg.job_ids:
-            results.append(self.cancel_job(job_id, caller))
-        self.cli.reply(caller, {"ok": True, "results": results})
+        self.begin(caller, msg)
+        results = [self.cancel_job(job_id, caller) for job_id in msg.job_ids]
+        # Answered once the cancellations are recorded: a cancelled job never comes back.
+        self.writer.barrier(lambda error, _: self.answer(caller, msg, {"ok": True, "results": results}))
 
     def cancel_job(self, job_id, caller):
         job = self.jobs.get(job_id)
         if job is None:
-            ended = self.find_job(job_id)
-            why = "no such job" if ended is None else f"already ended ({ended.state})"
+            ended = self.ended.get(job_id)
+            if ended is not None:
+                why = f"already ended ({ended.state})"
+            else:
+                why = "already ended" if self.exists(job_id) else "no such job"
             return {"job_id": job_id, "ok": False, "error": why}
         if caller.uid not in (0, job.uid):
             return {"job_id": job_id, "ok": False, "error": f"permission denied: it belongs to {job.user}"}
@@ -638,7 +725,7 @@ class Head:
             # PENDING -> CANCELLED: nothing runs yet, so it ends now.
             self.pending.remove(job_id)
             changed = lifecycle.transition(job, JobState.CANCELLED, self.wall(), reason=f"cancelled by {who}")
-            self.write("job", job.id, {f: getattr(job, f) for f in changed})
+            self.write_job(job, changed)
             self.retire(job)
             self.triggers.add(f"job {job_id} cancelled")   # a job behind it may start now
             return {"job_id": job_id, "ok": True, "state": job.state}
@@ -648,13 +735,18 @@ class Head:
         return {"job_id": job_id, "ok": True, "state": "CANCELLING"}
 
     def on_wait(self, caller, msg):
-        job = self.find_job(msg.job_id)
-        if job is None:
-            self.cli.reply(caller, {"ok": False, "error": f"job {msg.job_id}: no such job"})
-        elif job.state in JobState.FINAL:
-            self.cli.reply(caller, {"ok": True, "job": job.view(self.wall())})
+        job_id = msg.job_id
+        if job_id in self.jobs or job_id in self.ended:
+            self.add_waiter(job_id, caller)
+        elif self.exists(job_id):
+            def done(error, stored):
+                if error is not None or not stored:
+                    self.cli.reply(caller, {"ok": False, "error": "the cluster's database is unavailable; try again later"})
+                else:
+                    self.cli.reply(caller, {"ok": True, "job": Job(**stored[0]).view(self.wall())})
+            self.writer.read("find_jobs", ([job_id],), done)
         else:
-            self.waiters.setdefault(job.id, []).append(caller)
+            self.cli.reply(caller, {"ok": False, "error": f"job {job_id}: no such job"})
 
 
 def serve(cfg, store):

@@ -45,6 +45,7 @@ class Job:
         self.request_id = None
         self.__dict__.update(fields)
         self.fate = None               # first cause to end a RUNNING job (a JobState, or REQUEUE)
+        self.launched = self.state == JobState.RUNNING   # a job stored RUNNING was launched
         self.outstanding = {}          # node name -> ranks not yet reported ended
         if self.state == JobState.RUNNING:
             self.outstanding = self.unended_ranks_by_node()

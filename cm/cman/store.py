@@ -98,9 +98,10 @@ class Store:
         latest = self.jobs.find_one({}, sort=[("job_id", -1)], projection={"job_id": 1})
         return -1 if latest is None else latest["job_id"]
 
-    def find_job(self, job_id):
-        raw = self.jobs.find_one({"_id": str(job_id)})
-        return None if raw is None else _job_from_raw(raw)
+    def find_jobs(self, job_ids):
+        """The stored jobs with these ids (one lookup by _id each: the fast path on FerretDB)."""
+        found = (self.jobs.find_one({"_id": str(job_id)}) for job_id in job_ids)
+        return [_job_from_raw(raw) for raw in found if raw is not None]
 
     def all_jobs(self):
         return sorted((_job_from_raw(d) for d in self.jobs.find({}, projection={"env": 0})),
