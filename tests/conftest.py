@@ -164,3 +164,19 @@ def pytest_runtest_makereport(item, call):
         # Mark the test and the module, so fixtures print logs at teardown.
         item._failed = True
         item.parent._failed = True
+
+
+FIGURES = {}
+
+
+@pytest.fixture(scope="session")
+def figures():
+    """Measured figures; printed at the end of the run."""
+    return FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("figures")
+        for name, value in FIGURES.items():
+            terminalreporter.write_line(f"{name}: {value}")

@@ -79,7 +79,7 @@ def test_bad_settings_are_named(cluster):
 
 
 def test_no_head_is_exit_3_with_what_to_check(cluster, tmp_path):
-    proc = cluster.cm("cminfo", env={"CM_SOCKET": str(tmp_path / "nothing.sock")})
+    proc = cluster.cm("cminfo", env={"CM_SOCKET": str(tmp_path / "nothing.sock"), "CM_REQUEST_TIMEOUT": "1"})
     assert proc.returncode == 3
     assert "no head socket at" in proc.stderr and "CM_SOCKET" in proc.stderr
 

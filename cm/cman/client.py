@@ -1,9 +1,16 @@
 """The CLI's side of the head's Unix socket: one request, one reply, a
 deadline. Standard library only, so cmrun, cminfo and cmkill start fast.
+
+A request that meets a missing socket, a refused or broken connection, or no
+answer in its share of the deadline is sent again under the same request id,
+until the deadline: a head that restarts meanwhile is reached, and one that
+got the first copy answers the repeat with its first reply, so a retried
+cmrun never makes two jobs.
 """
 import json
 import os
 import socket
+import time
 
 from .vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 
@@ -35,8 +42,8 @@ class Connection:
         except OSError as e:
             raise Unreachable(f"cannot reach the head at {path}: {e.strerror or e}") from None
 
-    def send(self, op, **fields):
-        request = {"v": PROTOCOL_VERSION, "op": op, "id": os.urandom(8).hex(), **fields}
+    def send(self, op, request_id=None, **fields):
+        request = {"v": PROTOCOL_VERSION, "op": op, "id": request_id or new_request_id(), **fields}
         try:
             self.sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
         except OSError as e:
@@ -72,11 +79,54 @@ class Connection:
         self.sock.close()
 
 
+def new_request_id():
+    return os.urandom(8).hex()
+
+
+def open_request(settings, op, answer=True, **fields):
+    """Send a request, again if need be, until the deadline; returns the open
+    connection (more replies may follow on it) and the first reply (None,
+    without waiting for it, if not answer)."""
+    deadline = time.monotonic() + settings.request_timeout
+    # Each try may wait a third of the time for an answer before the next try.
+    per_try = max(1.0, settings.request_timeout / 3)
+    request_id = new_request_id()
+    pause = 0.05
+    while True:
+        remaining = deadline - time.monotonic()
+        conn = None
+        try:
+            conn = Connection(settings.socket, max(0.1, min(per_try, remaining)))
+            conn.send(op, request_id, **fields)
+            return conn, (conn.receive() if answer else None)
+        except Unreachable:
+            if conn is not None:
+                conn.close()
+            if time.monotonic() + pause >= deadline:
+                raise
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        time.sleep(pause)                 # the head is restarting, or busy: try again shortly
+        pause = min(pause * 2, 1.0)
+
+
 def request(settings, op, **fields):
-    """Ask once and return the reply."""
-    conn = Connection(settings.socket, settings.request_timeout)
-    try:
-        conn.send(op, **fields)
-        return conn.receive()
-    finally:
-        conn.close()
+    """Ask (again if need be) and return the reply."""
+    conn, reply = open_request(settings, op, **fields)
+    conn.close()
+    return reply
+
+
+def wait_for_end(settings, job_id):
+    """Ask the head to answer when the job ends, reconnecting through head restarts;
+    gives up after request_timeout without reaching a head."""
+    while True:
+        conn, _ = open_request(settings, "wait", answer=False, job_id=job_id)
+        try:
+            return conn.receive(timeout=None)["job"]   # as late as the job ends
+        except Unreachable:
+            continue                      # the head went away while we waited: ask the next one
+        finally:
+            conn.close()

@@ -7,7 +7,15 @@ stays silent for node_timeout is given up on: the socket is closed (linger
 0) and a new one registers again, after a pause that doubles up to
 reconnect_max (Paranoid Pirate). Registering says which tasks still run and
 which ended unacknowledged, so nothing is lost across a head restart.
+
+Those two lists are also kept in state_dir/<node>.json, written when they
+change (never per heartbeat). A daemon that starts after one that died
+stops the tasks its predecessor left and reports them lost, and reports its
+predecessor's unacknowledged ends again. So a task the head expects but the
+node neither runs nor reports was never delivered, and the head sends it
+again.
 """
+import json
 import logging
 import os
 import signal
@@ -16,10 +24,11 @@ import time
 import zmq
 
 from . import messages
+from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
-from .tasks import Runner
-from .vocab import Op
+from .tasks import Runner, end_report, stop_leftover
+from .vocab import EndCause, Op
 
 log = logging.getLogger("cm.compute")
 
@@ -33,6 +42,7 @@ class Compute:
         self.runner = Runner(name, cfg.kill_grace, clock)
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
         self.usage = Usage()
+        self.state_path = os.path.join(cfg.state_dir, f"{name}.json")
         self.socket = None
         self.welcomed = False
         self.backoff = cfg.heartbeat_interval
@@ -60,10 +70,55 @@ class Compute:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         self.poller.register(self.wake_r, zmq.POLLIN)
+        self.recover()
         self.connect()
 
     def request_stop(self, signum, frame):
         self.stopping = True
+
+    def recover(self):
+        """Take over from a daemon of this node that stopped without a goodbye."""
+        try:
+            os.makedirs(self.cfg.state_dir, exist_ok=True)
+            with open(self.state_path) as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            state = {}
+        except PermissionError as e:
+            raise ConfigError(f"state_dir {self.cfg.state_dir}: {e.strerror}; set CM_STATE_DIR to a directory "
+                              "this user may write") from None
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable state file %s: %s", self.state_path, e)
+            state = {}
+        for entry in state.get("running", []):
+            try:
+                key = (messages.JOB_ID("job", entry["job"]), messages.ATTEMPT("attempt", entry["attempt"]),
+                       messages.RANK("rank", entry["rank"]))
+                pid = messages.Int(1, 2**22)("pid", entry["pid"])
+            except (BadMessage, KeyError, TypeError):
+                log.warning("ignoring a bad task entry in %s: %r", self.state_path, entry)
+                continue
+            if stop_leftover(pid, entry.get("create_time")):
+                log.warning("job %d rank %d (pid %d) was left by the previous daemon; killed", key[0], key[2], pid)
+            self.unacked[key] = end_report(key, EndCause.LOST, message="its compute daemon restarted")
+        for report in state.get("ended", []):
+            try:
+                report = messages.TASK_END("ended", report)
+            except BadMessage:
+                continue
+            self.unacked.setdefault((report["job"], report["attempt"], report["rank"]), report)
+        self.save_state()
+
+    def save_state(self):
+        running = [{"job": j, "attempt": a, "rank": r, "pid": pid, "create_time": created}
+                   for (j, a, r), (pid, created) in self.runner.records().items()]
+        tmp = self.state_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"running": running, "ended": list(self.unacked.values())}, f)
+            os.replace(tmp, self.state_path)
+        except OSError as e:
+            log.error("cannot write %s: %s", self.state_path, e)
 
     def connect(self):
         if self.socket is not None:
@@ -204,7 +259,9 @@ class Compute:
 
     def on_launch(self, msg):
         log.info("job %d: starting ranks %s", msg.job, _span(msg.ranks))
-        self.report(self.runner.launch(msg))
+        failed = self.runner.launch(msg)
+        self.save_state()
+        self.report(failed)
 
     def on_kill(self, msg):
         log.info("job %d: stopping (%s)", msg.job, msg.reason)
@@ -213,6 +270,7 @@ class Compute:
     def on_ended_ack(self, msg):
         for k in msg.keys:
             self.unacked.pop((k["job"], k["attempt"], k["rank"]), None)
+        self.save_state()
 
     def collect_ended(self):
         self.report(self.runner.reap())
@@ -222,6 +280,7 @@ class Compute:
             return
         for r in reports:
             self.unacked[(r["job"], r["attempt"], r["rank"])] = r
+        self.save_state()
         if self.socket is not None:
             self.send(messages.TaskEnded(ended=reports))
 

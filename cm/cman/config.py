@@ -43,6 +43,12 @@ def _text(text):
     return text
 
 
+def _absolute(text):
+    if not text.startswith("/"):
+        raise ValueError
+    return text
+
+
 def _optional_path(text):
     if text and not text.startswith("/"):
         raise ValueError
@@ -83,6 +89,7 @@ SCHEMA = {
     "default_time": (units.parse_time_limit, units.TIME_FORMS + " (0: unlimited)"),
     "default_retries": (_count(0), "a whole number >= 0"),
     "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
+    "state_dir": (_absolute, "an absolute path"),
     "status_file": (_optional_path, "an absolute path, or nothing"),
     "log_level": (_level, "debug, info, warning or error"),
 }

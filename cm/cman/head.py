@@ -316,22 +316,24 @@ class Head:
         self.reconcile(node, msg.running, msg.ended)
 
     def reconcile(self, node, running, ended):
-        """After a (re)registration: match what the node runs with what the head expects."""
+        """After a (re)registration: match what the node runs with what the head expects.
+
+        The node reports what it runs and what ended unacknowledged, and a
+        restarted node reports its predecessor's tasks as lost; so a task the
+        head expects and the node does not mention never reached it (a head
+        stopped between recording a launch and sending it): it is sent again.
+        """
         if ended:
             self.on_task_ended(node.name, messages.TaskEnded(ended=ended))
         running = {(k["job"], k["attempt"], k["rank"]) for k in running}
-        lost = []
         for job_id in sorted(node.jobs):
             job = self.jobs[job_id]
-            if not job.launched:
-                continue                  # its launch waits for the database; nothing to find yet
-            for rank in sorted(job.outstanding.get(node.name, ())):
-                if (job.id, job.attempt, rank) not in running:
-                    lost.append({"job": job.id, "attempt": job.attempt, "rank": rank, "cause": EndCause.LOST,
-                                 "exit_code": None, "signal": None, "message": "not running on its node"})
-        if lost:
-            log.warning("node %s does not have %d tasks the head expected; they are lost", node.name, len(lost))
-            self.apply_task_ends(node.name, lost)
+            if not job.launched or job.fate is not None:
+                continue                  # its launch waits for the database, or it is being stopped
+            missing = sorted(r for r in job.outstanding.get(node.name, ()) if (job.id, job.attempt, r) not in running)
+            if missing:
+                log.warning("node %s never received ranks %s of job %d; sending them again", node.name, missing, job.id)
+                self.send_launch(job, node.name, missing)
         strays = set()
         for job_id, attempt, rank in running:
             job = self.jobs.get(job_id)
@@ -499,12 +501,15 @@ class Head:
                                              "cause": EndCause.KILLED, "exit_code": None, "signal": None,
                                              "message": ""} for rank in sorted(ranks)])
             return
-        common = dict(job=job.id, attempt=attempt, name=job.name, nnodes=job.nodes, ntasks=job.ntasks,
-                      nodelist=job.node_list, argv=job.argv, workdir=job.workdir, env=job.env,
-                      uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit)
-        for node_rank, name in enumerate(job.node_list):
-            self.send(name, messages.Launch(ranks=job.ranks_on(node_rank), node_rank=node_rank, **common))
+        for name in job.node_list:
+            self.send_launch(job, name, job.ranks_on(job.node_list.index(name)))
         log.info("job %d started on %s (attempt %d)", job.id, ",".join(job.node_list), attempt)
+
+    def send_launch(self, job, name, ranks):
+        self.send(name, messages.Launch(
+            job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=job.node_list.index(name),
+            nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
+            env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit))
 
     def doom(self, job, fate, why):
         """Something ends a running job: record it and stop its tasks everywhere."""

@@ -133,7 +133,8 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
             wait_for(lambda: port_open(db_port), timeout, "the database to listen", [db])
             database_url = f"mongodb://127.0.0.1:{db_port}/cm"
         env.update(CM_DATABASE_URL=database_url, CM_SOCKET=socket_path, CM_HEAD_HOST="127.0.0.1",
-                   CM_HEAD_BIND="127.0.0.1", CM_HEAD_PORT=str(free_port()))
+                   CM_HEAD_BIND="127.0.0.1", CM_HEAD_PORT=str(free_port()),
+                   CM_STATE_DIR=os.path.join(directory, "state"))
         settings = config.load(env)          # fail here, in one line, on a bad setting
         head = start("head", [sys.executable, CMDAEMON, "--role", "head"], directory, env)
         processes.append(head)
@@ -141,7 +142,7 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
         for i in range(1, nodes + 1):
             processes.append(start(f"node{i}", [sys.executable, CMDAEMON, "--role", "compute", "--name", f"node{i}",
                                                 "--cpus", str(cpus), "--mem", f"{mem}M"], directory, env))
-        record(directory, processes, env)
+        record(directory, processes, {k: env[k] for k in ("CM_DATABASE_URL", "CM_SOCKET", "CM_HEAD_PORT")})
 
         def all_up():
             try:
@@ -161,9 +162,10 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
     return {"CM_SOCKET": socket_path}
 
 
-def record(directory, processes, env):
+def record(directory, processes, cluster_env):
+    """Write DIR/cluster.json: each process, and where the cluster's database, socket and port are."""
     state = {"processes": [{k: p[k] for k in ("name", "pid", "log", "argv", "cm_env")} for p in processes],
-             "env": {k: env[k] for k in ("CM_DATABASE_URL", "CM_SOCKET", "CM_HEAD_PORT")}}
+             "env": cluster_env}
     tmp = state_path(directory) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(state, f, indent=1)
@@ -203,22 +205,42 @@ def down(directory):
     return state["processes"]
 
 
-def restart(directory, name):
-    """Stop one process of the cluster (SIGTERM) and start it again as it was started."""
+def find_process(directory, name):
     directory = os.path.abspath(directory)
     state = read_state(directory)
     if state is None:
         raise ClusterError(f"no cluster recorded in {directory}")
     for i, proc in enumerate(state["processes"]):
         if proc["name"] == name:
-            stop_processes([proc])
-            env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
-            env.update(proc["cm_env"])
-            state["processes"][i] = start(name, proc["argv"], directory, env)
-            record(directory, state["processes"], env)
-            return state["processes"][i]
+            return directory, state, i
     raise ClusterError(f"no process {name!r} in the cluster in {directory} "
                        f"(it has {', '.join(p['name'] for p in state['processes'])})")
+
+
+def stop_one(directory, name):
+    """Stop one process of the cluster (SIGTERM, SIGKILL if it lingers)."""
+    directory, state, i = find_process(directory, name)
+    stop_processes([state["processes"][i]])
+    return state["processes"][i]
+
+
+def start_one(directory, name):
+    """Start one process of the cluster again, as it was first started (if it is not running)."""
+    directory, state, i = find_process(directory, name)
+    proc = state["processes"][i]
+    if alive(proc["pid"]):
+        raise ClusterError(f"{name} is running already (pid {proc['pid']})")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+    env.update(proc["cm_env"])
+    state["processes"][i] = start(name, proc["argv"], directory, env)
+    record(directory, state["processes"], state["env"])
+    return state["processes"][i]
+
+
+def restart(directory, name):
+    """Stop one process of the cluster and start it again as it was started."""
+    stop_one(directory, name)
+    return start_one(directory, name)
 
 
 def status(directory):

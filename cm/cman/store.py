@@ -76,7 +76,7 @@ def _job_from_raw(raw):
 
 
 class Store:
-    def __init__(self, url, timeout=5.0):
+    def __init__(self, url, timeout=2.0):
         self.url = url
         self.client = me.connect(host=url, alias="default", connect=False,
                                  serverSelectionTimeoutMS=int(timeout * 1000),
@@ -106,6 +106,9 @@ class Store:
     def all_jobs(self):
         return sorted((_job_from_raw(d) for d in self.jobs.find({}, projection={"env": 0})),
                       key=lambda j: j["id"])
+
+    def ping(self):
+        self.client.admin.command("ping")
 
     # ---- writes (by _id only) ----
 

@@ -7,6 +7,7 @@ it as the submitting user (uid, gid, groups); one running as an ordinary user
 runs only that user's jobs. Stopping a task signals its whole process group:
 SIGTERM, then SIGKILL after the grace period. No process is left unreaped.
 """
+import ctypes
 import errno
 import logging
 import os
@@ -14,7 +15,19 @@ import pwd
 import signal
 import subprocess
 
+import psutil
+
 from .vocab import EndCause
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_daemon():
+    """In the task, before exec: SIGKILL it if the compute daemon dies, so that
+    no task outlives the daemon that reports it. Set after the switch of user,
+    which would clear it."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 log = logging.getLogger("cm.tasks")
 
@@ -24,6 +37,10 @@ class Task:
         self.key = key                    # (job, attempt, rank)
         self.proc = proc
         self.pid = proc.pid               # also its process group id
+        try:                              # tells this process from a later one with the same pid
+            self.create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            self.create_time = None
         self.start = start
         self.deadline = start + time_limit if time_limit else None
         self.stop_cause = None            # EndCause.TIMEOUT or KILLED once we start stopping it
@@ -62,13 +79,19 @@ class Runner:
     def running_keys(self):
         return list(self.tasks)
 
+    def records(self):
+        """What a successor needs to find these tasks: key -> (pid, create_time)."""
+        return {key: (task.pid, task.create_time) for key, task in self.tasks.items()}
+
     # ---- start ----
 
     def launch(self, spec):
         """Start every rank of a Launch; returns end reports for those that could not start."""
         failed = []
         refusal = self._refusal(spec)
-        for local_rank, rank in enumerate(spec.ranks):
+        per_node = spec.ntasks // spec.nnodes
+        for rank in spec.ranks:
+            local_rank = rank - spec.node_rank * per_node
             key = (spec.job, spec.attempt, rank)
             if key in self.tasks:
                 continue                  # a repeated launch: it already runs
@@ -103,7 +126,7 @@ class Runner:
                 proc = subprocess.Popen(
                     spec.argv, cwd=spec.workdir, env=task_env(spec, rank, local_rank, self.node_name),
                     stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    start_new_session=True, close_fds=True, **identity)
+                    start_new_session=True, close_fds=True, preexec_fn=_die_with_daemon, **identity)
         except OSError as e:
             # No such command (127, as a shell says) or not executable (126).
             code = 127 if e.errno == errno.ENOENT else 126
@@ -222,3 +245,16 @@ def _mkdir(path):
         return True
     except FileExistsError:
         return False
+
+
+def stop_leftover(pid, create_time):
+    """Kill the process group of a task a previous daemon started, if that
+    very process still runs (same pid and start time). True if it was there."""
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
+            return False                  # the pid was reused by something else
+    except psutil.Error:
+        return False
+    _signal_group(pid, signal.SIGKILL)
+    return True

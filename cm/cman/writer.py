@@ -11,7 +11,8 @@ when an insert fails.
 
 While the database is away, updates wait at the front of the queue and are
 retried with a growing pause; inserts (submissions) fail at once, so the CLI
-can say so. The head learns of each change of availability, to log it and to
+can say so; with nothing to write, the thread pings the database until it is
+back. The head learns of each change of availability, to log it and to
 refuse submissions meanwhile.
 """
 import collections
@@ -115,10 +116,16 @@ class Writer:
         while True:
             with self.cond:
                 while not self.queue and not self.stopping:
-                    self.cond.wait()
-                if not self.queue:
+                    if self.available:
+                        self.cond.wait()
+                    elif not self.cond.wait(RETRY_MAX):
+                        break             # away, and nothing to write: look whether it is back
+                if not self.queue and self.stopping:
                     return
-                op = self.queue[0]
+                op = self.queue[0] if self.queue else None
+            if op is None:
+                self._probe()
+                continue
             error = self._apply(op)
             if isinstance(error, TRANSIENT):
                 self._set_available(False, error)
@@ -132,6 +139,13 @@ class Writer:
             with self.cond:
                 self.queue.popleft()
             self._finish(op, error)
+
+    def _probe(self):
+        try:
+            self.store.ping()
+            self._set_available(True, None)
+        except pymongo.errors.PyMongoError:
+            pass
 
     def _apply(self, op):
         try:

@@ -13,7 +13,7 @@ import psutil
 
 from .. import units
 from ..client import CliError
-from ..localcluster import ClusterError, down, restart, status, up
+from ..localcluster import ClusterError, down, restart, start_one, status, stop_one, up
 from ..vocab import Exit
 from .common import Parser, converted, run, whole_number
 
@@ -24,7 +24,7 @@ def default_dir():
 
 def parser():
     p = Parser(prog="cmcluster", description="Run a cm cluster as local processes.")
-    sub = p.add_subparsers(dest="action", required=True, metavar="{up,down,status,restart}")
+    sub = p.add_subparsers(dest="action", required=True, metavar="{up,down,status,restart,stop,start}")
     u = sub.add_parser("up", help="start the database, the head and N compute daemons")
     u.add_argument("--nodes", type=whole_number(1), default=2, help="compute daemons to start (default 2)")
     u.add_argument("--cpus", type=whole_number(1), help="CPUs each node offers (default: this machine's count)")
@@ -33,8 +33,10 @@ def parser():
     u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every node to register")
     for name, text in (("down", "stop every process of the cluster"), ("status", "show each process and its pid")):
         sub.add_parser(name, help=text)
-    r = sub.add_parser("restart", help="stop one process (db, head, node1, ...) and start it again")
-    r.add_argument("name", help="the process to restart, as `cmcluster status` names it")
+    for name, text in (("restart", "stop one process (db, head, node1, ...) and start it again"),
+                       ("stop", "stop one process"), ("start", "start a stopped process again")):
+        r = sub.add_parser(name, help=text)
+        r.add_argument("name", help="the process, as `cmcluster status` names it")
     for action in sub.choices.values():
         action.error = p.error            # one-line usage errors in subcommands too
         action.add_argument("--dir", default=default_dir(),
@@ -53,9 +55,11 @@ def main(argv):
             env = up(args.dir, args.nodes, cpus, mem, args.database_url, args.timeout)
             for name, value in env.items():
                 print(f"export {name}={shlex.quote(value)}")
-        elif args.action == "restart":
-            proc = restart(args.dir, args.name)
-            print(f"restarted {proc['name']} (pid {proc['pid']})")
+        elif args.action in ("restart", "stop", "start"):
+            act, done = {"restart": (restart, "restarted"), "stop": (stop_one, "stopped"),
+                         "start": (start_one, "started")}[args.action]
+            proc = act(args.dir, args.name)
+            print(f"{done} {proc['name']} (pid {proc['pid']})")
         elif args.action == "down":
             for proc in down(args.dir):
                 print(f"stopped {proc['name']} (pid {proc['pid']})")

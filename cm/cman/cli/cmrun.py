@@ -8,7 +8,7 @@ import signal
 import sys
 
 from .. import config, units
-from ..client import Connection
+from ..client import Unreachable, open_request, wait_for_end
 from ..vocab import Exit, JobState, Op
 from .common import Parser, UsageError, converted, run, whole_number
 
@@ -63,15 +63,17 @@ def main(argv):
     args = parser().parse_args(argv)
     fields = job_request(args)
     settings = config.load()
-    conn = Connection(settings.socket, settings.request_timeout)
+    conn, reply = open_request(settings, Op.SUBMIT, **fields)
     try:
-        conn.send(Op.SUBMIT, **fields)
-        job_id = conn.receive()["job_id"]
+        job_id = reply["job_id"]
         print(job_id, flush=True)
         if not args.wait:
             return Exit.OK
         try:
-            job = conn.receive(timeout=None)["job"]
+            try:
+                job = conn.receive(timeout=None)["job"]
+            except Unreachable:           # the head restarted while the job ran: ask the new one
+                job = wait_for_end(settings, job_id)
         except KeyboardInterrupt:
             print(f"cmrun: stopped waiting; job {job_id} goes on (cmkill {job_id} stops it)", file=sys.stderr)
             return 128 + signal.SIGINT
