@@ -212,3 +212,24 @@ def test_jobs_run_as_their_submitter_and_only_the_owner_or_root_may_cancel(clust
     cluster.ok("cmkill", str(mine), str(theirs))
     cluster.wait_state(mine, "CANCELLED")
     cluster.wait_state(theirs, "CANCELLED")
+
+
+def test_cmkill_leaves_no_process_of_the_job_behind(cluster, workdir):
+    # One process leaves the task's process group (setsid); cmkill still ends it.
+    cmd = script(workdir, "escape.sh", "#!/bin/sh\nsetsid sleep 300 &\necho $! > escaped\nsleep 300\n")
+    job_id = cluster.submit(cmd, cwd=workdir)
+    pid_file = os.path.join(workdir, "escaped")
+    pid = int(wait_until(lambda: os.path.exists(pid_file) and open(pid_file).read().strip(), what="the escaped pid"))
+    assert os.getpgid(pid) != os.getpgid(os.getpid())
+    cluster.ok("cmkill", str(job_id))
+    cluster.wait_state(job_id, "CANCELLED")
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+               what="the escaped process to be gone")
+
+
+def test_a_task_that_ends_takes_what_it_left_running_with_it(cluster, workdir):
+    cmd = script(workdir, "daemonize.sh", "#!/bin/sh\nsetsid sleep 300 &\necho $! > left\n")
+    assert cluster.cm("cmrun", "--wait", cmd, cwd=workdir).returncode == 0
+    pid = int(open(os.path.join(workdir, "left")).read())
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
+               what="the process the task left to be gone")

@@ -3,6 +3,8 @@ end NODE_FAIL or are requeued, and a returning node serves again."""
 import os
 import signal
 
+import psutil
+
 from conftest import FAST, wait_until
 
 TIMEOUT = float(FAST["CM_NODE_TIMEOUT"])
@@ -48,3 +50,43 @@ def test_a_node_down_long_enough_is_forgotten_and_may_register_again(request):
     assert c.node_states() == {"node1": "UP"}
     c.ok("cmcluster", "restart", "node2", "--dir", c.dir)
     wait_until(lambda: c.node_states() == {"node1": "UP", "node2": "UP"}, what="node2 registered again")
+
+
+def task_processes(job_id):
+    return [p for p in psutil.process_iter(["environ"])
+            if (p.info["environ"] or {}).get("CM_JOB_ID") == str(job_id)]
+
+
+def gone(processes):
+    def check(p):
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+    return all(check(p) for p in processes)
+
+
+def test_a_restarted_compute_daemon_stops_and_reports_what_its_predecessor_left(own_cluster):
+    c = own_cluster
+    job_id = c.submit("-n", "1", "-p", "2", "sh", "-c", "sleep 60 & sleep 60")
+    node = c.wait_state(job_id, "RUNNING")["node_list"][0]
+    tasks = wait_until(lambda: len(t := task_processes(job_id)) >= 4 and t, what="the tasks and their children")
+    # Killed, and back before the head notices the silence.
+    kill_node(c, node)
+    c.ok("cmcluster", "start", node, "--dir", c.dir)
+    job = c.wait_state(job_id, "NODE_FAIL", timeout=10)
+    assert "its compute daemon restarted" in job["reason"]
+    wait_until(lambda: gone(tasks), what="every process of the tasks to be gone")
+    assert c.node_states()[node] == "UP"
+    assert c.cm("cmrun", "-n", "3", "--wait", "true").returncode == 0
+
+
+def test_a_stopping_compute_daemon_takes_its_tasks_and_their_jobs_fail_or_requeue(own_cluster):
+    c = own_cluster
+    plain = c.submit("-n", "1", "-p", "2", "sleep", "60")
+    node = c.wait_state(plain, "RUNNING")["node_list"][0]
+    tasks = wait_until(lambda: task_processes(plain), what="the tasks")
+    c.ok("cmcluster", "stop", node, "--dir", c.dir)
+    job = c.wait_state(plain, "NODE_FAIL", timeout=10)
+    assert "its compute daemon stopped" in job["reason"]
+    assert gone(tasks)

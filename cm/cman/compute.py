@@ -27,7 +27,7 @@ from . import messages
 from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
-from .tasks import Runner, end_report, stop_leftover
+from .tasks import Runner, become_subreaper, end_report, stop_leftover
 from .vocab import EndCause, Op
 
 log = logging.getLogger("cm.compute")
@@ -70,6 +70,7 @@ class Compute:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.request_stop)
         self.poller.register(self.wake_r, zmq.POLLIN)
+        become_subreaper()
         self.recover()
         self.connect()
 
@@ -139,7 +140,7 @@ class Compute:
     def shutdown(self):
         """Stop every task (SIGTERM, SIGKILL after the grace), report them, and go."""
         now = self.clock()
-        self.runner.kill_all(now)
+        self.runner.kill_all(now, "its compute daemon stopped")
         deadline = now + self.cfg.kill_grace + 1
         while self.runner.tasks and self.clock() < deadline:
             self.runner.enforce(self.clock())

@@ -21,6 +21,13 @@ from .vocab import EndCause
 
 _libc = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper():
+    """Orphans of our tasks come to us instead of init, so that we find and reap them."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:
+        log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
 
 
 def _die_with_daemon():
@@ -43,7 +50,8 @@ class Task:
             self.create_time = None
         self.start = start
         self.deadline = start + time_limit if time_limit else None
-        self.stop_cause = None            # EndCause.TIMEOUT or KILLED once we start stopping it
+        self.stop_cause = None            # EndCause.TIMEOUT, KILLED or LOST once we start stopping it
+        self.stop_message = ""
         self.kill_at = None               # when SIGTERM turns into SIGKILL
 
 
@@ -52,6 +60,7 @@ def task_env(spec, rank, local_rank, node_name):
     env.update({
         "CM_JOB_ID": str(spec.job),
         "CM_JOB_NAME": spec.name,
+        "CM_ATTEMPT": str(spec.attempt),
         "CM_RANK": str(rank),
         "CM_LOCAL_RANK": str(local_rank),
         "CM_NODE_RANK": str(spec.node_rank),
@@ -173,15 +182,46 @@ class Runner:
             if task.key[:2] == (job, attempt):
                 self._stop(task, EndCause.KILLED, now)
 
-    def kill_all(self, now):
+    def kill_all(self, now, why):
+        """The daemon is stopping: its tasks go with it, and are lost to their jobs."""
         for task in self.tasks.values():
-            self._stop(task, EndCause.KILLED, now)
+            self._stop(task, EndCause.LOST, now, why)
 
-    def _stop(self, task, cause, now):
+    def _stop(self, task, cause, now, message=""):
         if task.stop_cause is None:
-            task.stop_cause = cause
+            task.stop_cause, task.stop_message = cause, message
             task.kill_at = now + self.kill_grace
-            _signal_group(task.pid, signal.SIGTERM)
+            self._signal_task(task, signal.SIGTERM)
+
+    def _signal_task(self, task, sig):
+        """Signal a task's process group and whatever it started outside the group."""
+        _signal_group(task.pid, sig)
+        for proc in self._escaped(task):
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    def _escaped(self, task):
+        """Processes of the task outside its group: descendants that made their own
+        session, and orphans of the task that came to us."""
+        found = []
+        try:
+            found += [p for p in psutil.Process(task.pid).children(recursive=True) if _pgid(p) != task.pid]
+        except psutil.Error:
+            pass
+        try:
+            ours = psutil.Process().children()
+        except psutil.Error:
+            ours = []
+        for child in ours:
+            if child.pid not in self.by_pid and _task_key(child) == task.key:
+                found.append(child)
+                try:
+                    found += child.children(recursive=True)
+                except psutil.Error:
+                    pass
+        return found
 
     def enforce(self, now):
         """Time limits and SIGKILL escalation; returns the next moment this must run again."""
@@ -196,7 +236,7 @@ class Runner:
             if task.kill_at is not None:
                 if now >= task.kill_at:
                     log.info("job %d rank %d outlived its grace; SIGKILL", task.key[0], task.key[2])
-                    _signal_group(task.pid, signal.SIGKILL)
+                    self._signal_task(task, signal.SIGKILL)
                     task.kill_at = None
                 else:
                     upcoming.append(task.kill_at)
@@ -220,11 +260,11 @@ class Runner:
             del self.tasks[task.key]
             code = os.waitstatus_to_exitcode(status)
             task.proc.returncode = code       # so Popen does not wait for it again
-            # Whatever the task left behind in its group goes with it.
-            _signal_group(task.pid, signal.SIGKILL)
+            # Whatever the task left behind goes with it.
+            self._signal_task(task, signal.SIGKILL)
             exit_code, sig = (code, None) if code >= 0 else (None, -code)
             cause = task.stop_cause or EndCause.EXITED
-            reports.append(end_report(task.key, cause, exit_code, sig))
+            reports.append(end_report(task.key, cause, exit_code, sig, task.stop_message))
             log.debug("job %d rank %d ended: %s, exit %s, signal %s", task.key[0], task.key[2], cause, exit_code, sig)
         return reports
 
@@ -248,13 +288,35 @@ def _mkdir(path):
 
 
 def stop_leftover(pid, create_time):
-    """Kill the process group of a task a previous daemon started, if that
-    very process still runs (same pid and start time). True if it was there."""
+    """Kill what is left of a task a previous daemon started: its process
+    group (the group's id is the leader's pid). True if the leader was still there.
+
+    The leader itself died with that daemon (PDEATHSIG), but what it started
+    may live on in its group. While any member lives, no new process can get
+    that id; if the id belongs to a live process that started at another time,
+    it was reused and is left alone.
+    """
     try:
-        proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
+        leader_alive = abs(psutil.Process(pid).create_time() - (create_time or 0)) <= 0.01
+        if not leader_alive and create_time is not None:
             return False                  # the pid was reused by something else
     except psutil.Error:
-        return False
+        leader_alive = False
     _signal_group(pid, signal.SIGKILL)
-    return True
+    return leader_alive
+
+
+def _pgid(proc):
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None
+
+
+def _task_key(proc):
+    """(job, attempt, rank) from a process's environment, or None."""
+    try:
+        env = proc.environ()
+        return int(env["CM_JOB_ID"]), int(env["CM_ATTEMPT"]), int(env["CM_RANK"])
+    except (psutil.Error, KeyError, ValueError):
+        return None
