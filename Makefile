@@ -40,6 +40,7 @@ all: up ## Start the container cluster (NODES compute nodes, default 3) and show
 up: images ## The same as `make`
 	@mkdir -p $(CM_DRIVE)/home $(CM_DRIVE)/etc $(CM_DRIVE)/db/$(DB_KIND)
 	@touch $(CM_DRIVE)/etc/users
+	@$(PYTHON) cm/bin/cmkeys $(CM_DRIVE)/etc/keys
 	$(COMPOSE) up -d --scale compute=$(NODES)
 	@$(PYTHON) scripts/cluster wait-nodes -- $(COMPOSE)
 	@$(COMPOSE) exec -T head cminfo

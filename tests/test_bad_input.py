@@ -5,11 +5,13 @@ import json
 import os
 import random
 import socket
+import subprocess
 
 import pytest
 import zmq
 
-from conftest import wait_until
+from cman import keys
+from conftest import BIN, wait_until
 
 
 @pytest.mark.parametrize("args, message", [
@@ -121,6 +123,8 @@ def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, wo
     with ctx.socket(zmq.DEALER) as s:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IDENTITY, b"intruder")
+        # It holds the cluster's keys: the frames get past CURVE to the head's own checks.
+        keys.connect_securely(s, os.path.join(cluster.dir, "keys"))
         s.connect(f"tcp://127.0.0.1:{port}")
         for i in range(2000):
             kind = i % 4
@@ -155,3 +159,20 @@ def test_a_second_cluster_in_the_same_directory_is_refused(cluster):
     assert proc.returncode == 1
     assert "a cluster already runs in" in proc.stderr
     wait_until(lambda: cluster.cm("cminfo").returncode == 0, what="the cluster to still answer")
+
+
+def test_a_compute_daemon_without_the_clusters_keys_is_refused(cluster, tmp_path):
+    keys.make(str(tmp_path / "other"))
+    env = dict(cluster.env, CM_KEYS_DIR=str(tmp_path / "other"), CM_STATE_DIR=str(tmp_path),
+               CM_HEAD_HOST="127.0.0.1", CM_HEAD_PORT=cluster.process("head")["cm_env"]["CM_HEAD_PORT"])
+    log = tmp_path / "intruder.log"
+    with open(log, "w") as out:
+        intruder = subprocess.Popen([os.path.join(BIN, "cmdaemon"), "--role", "compute", "--name", "intruder"],
+                                    env=env, stdout=out, stderr=out)
+    try:
+        # It tries, gets no answer, and tries again; the head never lists it.
+        wait_until(lambda: "reconnecting" in log.read_text(), timeout=20, what="the intruder to give up once")
+        assert "intruder" not in {n["name"] for n in cluster.info("--nodes")["nodes"]}
+    finally:
+        intruder.terminate()
+        intruder.wait(timeout=20)

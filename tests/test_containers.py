@@ -177,7 +177,8 @@ def test_restarting_the_head_keeps_every_job_and_node_record(cc):
 def test_a_compute_daemon_outside_the_containers_joins_and_runs_tasks(cc):
     name = f"outside-{uuid.uuid4().hex[:6]}"
     env = dict(os.environ, CM_HEAD_HOST="127.0.0.1", CM_HEAD_PORT=str(cc.port), CM_HEARTBEAT_INTERVAL="0.5",
-               CM_NODE_TIMEOUT="2")
+               CM_NODE_TIMEOUT="2", CM_KEYS_DIR=os.path.join(cc.drive, "etc", "keys"),
+               CM_STATE_DIR=os.path.join(cc.drive, "state"))
     daemon = subprocess.Popen([os.path.join(ROOT, "cm", "bin", "cmdaemon"), "--role", "compute", "--name", name,
                                "--cpus", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -23,7 +23,7 @@ import time
 
 import zmq
 
-from . import messages
+from . import keys, messages
 from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
@@ -128,6 +128,8 @@ class Compute:
         self.socket = self.ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, self.name.encode("ascii"))
         self.socket.setsockopt(zmq.LINGER, 0)
+        if self.cfg.keys_dir:
+            keys.connect_securely(self.socket, self.cfg.keys_dir)
         self.socket.connect(self.endpoint)
         self.poller.register(self.socket, zmq.POLLIN)
         self.welcomed = False
@@ -202,7 +204,8 @@ class Compute:
 
     def reconnect(self, now):
         self.mark_registered(False)
-        log.warning("node %s: no word from the head for %.1fs; reconnecting in %.1fs",
+        log.warning("node %s: no word from the head for %.1fs; reconnecting in %.1fs "
+                    "(if this goes on: is the head up, and do we hold the cluster's keys?)",
                     self.name, now - self.last_heard, self.backoff)
         self.sleep_awake(self.backoff)
         self.backoff = min(self.backoff * 2, self.cfg.reconnect_max)

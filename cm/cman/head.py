@@ -28,7 +28,7 @@ import time
 import zmq
 
 from . import jobs as lifecycle
-from . import messages, placement
+from . import keys, messages, placement
 from .cliserver import CliServer
 from .jobs import Job
 from .messages import BadMessage
@@ -176,6 +176,11 @@ class Head:
         # HANDOVER: a node that reconnects under its old identity takes it over;
         # without it the new connection would be silently ignored.
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.auth = None
+        if self.cfg.keys_dir:
+            self.auth = keys.serve_securely(self.ctx, self.router, self.cfg.keys_dir, logging.getLogger("cm.auth"))
+        else:
+            log.warning("keys_dir is empty: compute traffic is neither encrypted nor authenticated")
         self.router.bind(f"tcp://{self.cfg.head_bind}:{self.cfg.head_port}")
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -199,6 +204,8 @@ class Head:
     def close(self):
         self.cli.shutdown()
         self.router.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.writer.stop(FLUSH_ON_STOP)
 
     # ------------------------------------------------------------------ the loop

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from . import client, config
+from . import client, config, keys
 from .vocab import NodeState, Op
 
 CM_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,9 +132,11 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
             processes.append(db)
             wait_for(lambda: port_open(db_port), timeout, "the database to listen", [db])
             database_url = f"mongodb://127.0.0.1:{db_port}/cm"
+        keys_dir = os.path.join(directory, "keys")
+        keys.make(keys_dir)
         env.update(CM_DATABASE_URL=database_url, CM_SOCKET=socket_path, CM_HEAD_HOST="127.0.0.1",
                    CM_HEAD_BIND="127.0.0.1", CM_HEAD_PORT=str(free_port()),
-                   CM_STATE_DIR=os.path.join(directory, "state"))
+                   CM_STATE_DIR=os.path.join(directory, "state"), CM_KEYS_DIR=keys_dir)
         settings = config.load(env)          # fail here, in one line, on a bad setting
         head = start("head", [sys.executable, CMDAEMON, "--role", "head"], directory, env)
         processes.append(head)
