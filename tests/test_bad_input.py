@@ -115,7 +115,42 @@ def test_garbage_on_the_cli_socket_is_answered_and_the_head_keeps_serving(cluste
     cluster.wait_state(accepted, "CANCELLED")
 
 
-def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, workdir):
+def mutated(rng, valid):
+    frame = bytearray(valid)
+    for _ in range(rng.randrange(1, 6)):
+        frame[rng.randrange(len(frame))] = rng.randrange(256)
+    return bytes(frame)
+
+
+def test_thousands_of_random_requests_on_the_cli_socket(cluster, workdir, figures):
+    accepted = cluster.submit("sleep", "60", cwd=workdir)
+    path = cluster.env["CM_SOCKET"]
+    rng = random.Random(11)
+    valid = json.dumps({"v": 1, "op": "info", "jobs": True, "job_ids": [accepted]}).encode()
+    frames = 2000
+    for i in range(frames):
+        kind = i % 3
+        if kind == 0:
+            frame = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        elif kind == 1:
+            frame = mutated(rng, valid)
+        else:
+            frame = json.dumps({"v": 1, "op": rng.choice(["submit", "cancel", "info", "wait", "?"]),
+                                rng.choice(["argv", "job_ids", "job_id", "nodes"]): rng.choice(
+                                    [[], [-1], "x", None, 10**30, {"a": 1}, [["x"]]])}).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(frame.replace(b"\n", b" ") + b"\n")
+            s.recv(65536)                 # an answer (an error, mostly), never a hang
+    assert cluster.job(accepted)["state"] == "RUNNING"
+    assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0
+    cluster.ok("cmkill", str(accepted))
+    cluster.wait_state(accepted, "CANCELLED")
+    figures["random and mutated CLI requests survived"] = frames
+
+
+def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, workdir, figures):
     port = int(cluster.process("head")["cm_env"]["CM_HEAD_PORT"])
     rng = random.Random(7)
     valid = json.dumps({"v": 1, "op": "heartbeat", "load": 0.1, "cpu_percent": 1, "mem_used_mb": 10}).encode()
@@ -131,10 +166,7 @@ def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, wo
             if kind == 0:
                 frame = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
             elif kind == 1:                       # a valid frame with bytes flipped
-                frame = bytearray(valid)
-                for _ in range(3):
-                    frame[rng.randrange(len(frame))] = rng.randrange(256)
-                frame = bytes(frame)
+                frame = mutated(rng, valid)
             elif kind == 2:                       # well-formed JSON, wrong contents
                 frame = json.dumps({"v": 1, "op": rng.choice(["register", "task_ended", "launch", "x"]),
                                     "name": "node1", "ended": [{"job": -1}]}).encode()
@@ -152,6 +184,7 @@ def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, wo
     assert all(n["state"] == "UP" for n in nodes)
     with open(os.path.join(cluster.dir, "head.log")) as f:
         assert "dropped a bad message" in f.read()
+    figures["random and mutated compute frames survived"] = 2000
 
 
 def test_a_second_cluster_in_the_same_directory_is_refused(cluster):
