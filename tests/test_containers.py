@@ -201,6 +201,23 @@ def test_a_compute_daemon_outside_the_containers_joins_and_runs_tasks(cc):
                timeout=10, what=f"{name} DOWN once stopped")
 
 
+def test_a_node_cut_off_from_the_network_goes_down_and_comes_back_by_itself(cc):
+    victim = cc.computes()[0]
+    node = victim.attrs["Config"]["Hostname"]
+    network = next(n for n in cc.docker.networks.list(filters={"label": f"com.docker.compose.project={cc.project}"}))
+    aliases = victim.attrs["NetworkSettings"]["Networks"][network.name].get("Aliases") or []
+    network.disconnect(victim)
+    try:
+        wait_until(lambda: {n["name"]: n["state"] for n in cc.info("--nodes")["nodes"]}[node] == "DOWN",
+                   timeout=NODE_TIMEOUT + 5, what=f"{node} DOWN while cut off")
+    finally:
+        network.connect(victim, aliases=aliases)
+    wait_until(lambda: {n["name"]: n["state"] for n in cc.info("--nodes")["nodes"]}[node] == "UP",
+               timeout=30, what=f"{node} back UP once reconnected")
+    out = cc.ok("cmrun -n 3 --wait hostname")
+    assert cc.job(int(out))["state"] == "COMPLETED"
+
+
 def test_a_killed_compute_container_marks_its_node_down_and_its_jobs_fail_or_requeue(cc):
     plain = int(cc.ok("cmrun sleep 300").strip())
     node = cc.wait_state(plain, "RUNNING")["node_list"][0]
