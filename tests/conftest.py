@@ -45,7 +45,22 @@ def wait_until(predicate, timeout=15.0, what="the condition"):
         pause = min(pause * 2, 0.1)
 
 
-class Cluster:
+class JobViews:
+    """What every test cluster offers on top of its info(): a job, waiting for a state, node states."""
+
+    def job(self, job_id):
+        return self.info("-j", str(job_id))["jobs"][0]
+
+    def wait_state(self, job_id, states, timeout=20.0):
+        states = {states} if isinstance(states, str) else set(states)
+        return wait_until(lambda: (j := self.job(job_id))["state"] in states and j, timeout,
+                          f"job {job_id} to be {'/'.join(sorted(states))}")
+
+    def node_states(self):
+        return {n["name"]: n["state"] for n in self.info("--nodes")["nodes"]}
+
+
+class Cluster(JobViews):
     def __init__(self, directory, nodes, cpus):
         self.dir, self.nodes, self.cpus = directory, nodes, cpus
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
@@ -80,17 +95,6 @@ class Cluster:
 
     def info(self, *args):
         return json.loads(self.ok("cminfo", "--json", *args))
-
-    def job(self, job_id):
-        return self.info("-j", str(job_id))["jobs"][0]
-
-    def wait_state(self, job_id, states, timeout=20.0):
-        states = {states} if isinstance(states, str) else set(states)
-        return wait_until(lambda: (j := self.job(job_id))["state"] in states and j, timeout,
-                          f"job {job_id} to be {'/'.join(sorted(states))}")
-
-    def node_states(self):
-        return {n["name"]: n["state"] for n in self.info("--nodes")["nodes"]}
 
     def process(self, name):
         with open(os.path.join(self.dir, "cluster.json")) as f:

@@ -15,7 +15,7 @@ import uuid
 import docker
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, JobViews, wait_until
 
 USER, UID = "cmtest", 23456
 # Short timings for the test clusters, through the site settings file in drive/etc.
@@ -23,7 +23,7 @@ SITE_CONF = "heartbeat_interval = 0.5\nnode_timeout = 2\nkill_grace = 2\n"
 NODE_TIMEOUT = 2.0
 
 
-class ContainerCluster:
+class ContainerCluster(JobViews):
     def __init__(self, nodes=3):
         self.project = f"cmt{uuid.uuid4().hex[:8]}"
         self.drive = tempfile.mkdtemp(prefix="cmdrive-")
@@ -81,14 +81,6 @@ class ContainerCluster:
 
     def info(self, *args):
         return json.loads(self.ok("cminfo --json " + " ".join(args)))
-
-    def job(self, job_id):
-        return self.info("-j", str(job_id))["jobs"][0]
-
-    def wait_state(self, job_id, states, timeout=30.0):
-        states = {states} if isinstance(states, str) else set(states)
-        return wait_until(lambda: (j := self.job(job_id))["state"] in states and j, timeout,
-                          f"job {job_id} to be {'/'.join(sorted(states))}")
 
     def home(self, *parts):
         return os.path.join(self.drive, "home", USER, *parts)
@@ -208,11 +200,11 @@ def test_a_node_cut_off_from_the_network_goes_down_and_comes_back_by_itself(cc):
     aliases = victim.attrs["NetworkSettings"]["Networks"][network.name].get("Aliases") or []
     network.disconnect(victim)
     try:
-        wait_until(lambda: {n["name"]: n["state"] for n in cc.info("--nodes")["nodes"]}[node] == "DOWN",
+        wait_until(lambda: cc.node_states()[node] == "DOWN",
                    timeout=NODE_TIMEOUT + 5, what=f"{node} DOWN while cut off")
     finally:
         network.connect(victim, aliases=aliases)
-    wait_until(lambda: {n["name"]: n["state"] for n in cc.info("--nodes")["nodes"]}[node] == "UP",
+    wait_until(lambda: cc.node_states()[node] == "UP",
                timeout=30, what=f"{node} back UP once reconnected")
     out = cc.ok("cmrun -n 3 --wait hostname")
     assert cc.job(int(out))["state"] == "COMPLETED"
@@ -227,7 +219,7 @@ def test_a_killed_compute_container_marks_its_node_down_and_its_jobs_fail_or_req
     victim = next(c for c in cc.computes() if c.attrs["Config"]["Hostname"] == node)
     victim.kill()
     killed_at = time.monotonic()
-    wait_until(lambda: {n["name"]: n["state"] for n in cc.info("--nodes")["nodes"]}[node] == "DOWN",
+    wait_until(lambda: cc.node_states()[node] == "DOWN",
                timeout=NODE_TIMEOUT + 5, what=f"node {node} DOWN")
     detected = time.monotonic() - killed_at
     assert detected <= NODE_TIMEOUT + 2, f"DOWN after {detected:.1f}s with node_timeout {NODE_TIMEOUT}s"

@@ -23,7 +23,7 @@ import time
 
 import zmq
 
-from . import keys, messages
+from . import keys, messages, wakeup
 from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
@@ -62,14 +62,12 @@ class Compute:
         self.ctx = zmq.Context.instance()
         self.poller = zmq.Poller()
         # Signal handlers only set flags; the wake-up pipe ends the poll.
-        self.wake_r, wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # a task ended: wake up and reap
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.request_stop)
-        self.poller.register(self.wake_r, zmq.POLLIN)
+        self.signals = wakeup.on_signals({
+            signal.SIGCHLD: lambda signum, frame: None,   # a task ended: wake up and reap
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+        })
+        self.poller.register(self.signals.fd, zmq.POLLIN)
         become_subreaper()
         self.recover()
         self.connect()
@@ -170,12 +168,8 @@ class Compute:
         for item, _ in self.poller.poll(timeout):
             if item is self.socket:
                 self.drain_head()
-            elif item == self.wake_r:
-                try:
-                    while os.read(self.wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
+            elif item == self.signals.fd:
+                self.signals.drain()
         self.collect_ended()
         now = self.clock()
         if now - self.last_heard >= self.head_timeout:

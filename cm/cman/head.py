@@ -28,7 +28,7 @@ import time
 import zmq
 
 from . import jobs as lifecycle
-from . import keys, messages, placement
+from . import keys, messages, placement, wakeup
 from .cliserver import CliServer
 from .jobs import Job
 from .messages import BadMessage
@@ -184,17 +184,12 @@ class Head:
         self.router.bind(f"tcp://{self.cfg.head_bind}:{self.cfg.head_port}")
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
-        self.poller.register(self.writer.wake_r, zmq.POLLIN)
+        self.poller.register(self.writer.wakeup.fd, zmq.POLLIN)
         self.cli = CliServer(self.cfg.socket, self.poller, self.on_cli_request,
                              self.cfg.request_timeout, self.clock)
         # Signal handlers only set a flag; the wake-up pipe ends the poll.
-        self.wake_r, wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.request_stop)
-        self.poller.register(self.wake_r, zmq.POLLIN)
+        self.signals = wakeup.on_signals({signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop})
+        self.poller.register(self.signals.fd, zmq.POLLIN)
         log.info("head serving nodes on tcp://%s:%d and the CLI on %s",
                  self.cfg.head_bind, self.cfg.head_port, self.cfg.socket)
 
@@ -220,10 +215,10 @@ class Head:
         for item, events in self.poller.poll(timeout):
             if item is self.router:
                 self.drain_compute()
-            elif item == self.writer.wake_r:
+            elif item == self.writer.wakeup.fd:
                 self.on_writes_finished()
-            elif item == self.wake_r:
-                self.drain_wakeups()
+            elif item == self.signals.fd:
+                self.signals.drain()
             elif self.cli.owns(item):
                 self.cli.handle(item, events)
         now = self.clock()
@@ -239,13 +234,6 @@ class Head:
         if not deadlines:
             return None
         return max(0, int((min(deadlines) - self.clock()) * 1000) + 1)
-
-    def drain_wakeups(self):
-        try:
-            while os.read(self.wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
 
     def drain_compute(self):
         for _ in range(BATCH):

@@ -17,11 +17,12 @@ refuse submissions meanwhile.
 """
 import collections
 import logging
-import os
 import threading
 import time
 
 import pymongo.errors
+
+from .wakeup import Wakeup
 
 log = logging.getLogger("cm.writer")
 
@@ -49,9 +50,7 @@ class Writer:
         self.cond = threading.Condition()
         self.available = True                     # as last seen by the thread
         self.stopping = False
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
+        self.wakeup = Wakeup()                    # the loop polls wakeup.fd for finished work
         self.thread = threading.Thread(target=self._run, name="cm-writer", daemon=True)
 
     def start(self):
@@ -94,11 +93,7 @@ class Writer:
 
     def take_finished(self):
         """What the thread has finished since the last call, in order."""
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self.wakeup.drain()
         out = []
         while self.finished:
             out.append(self.finished.popleft())
@@ -179,7 +174,4 @@ class Writer:
 
     def _post(self, item):
         self.finished.append(item)
-        try:
-            os.write(self.wake_w, b"!")
-        except BlockingIOError:                        # the pipe is full: the loop is awake anyway
-            pass
+        self.wakeup.wake()
