@@ -87,14 +87,17 @@ def test_jobs_survive_three_head_restarts_and_none_runs_twice(cluster, workdir, 
 def test_a_compute_node_killed_during_a_run_loses_nothing(own_cluster, figures):
     c = own_cluster
     workdir = c.dir
-    ids = marked_jobs(c, workdir, JOBS, 0.2, "--retries", "3")
-    # Killed mid-run, while it runs some of the jobs.
-    wait_until(lambda: sum(1 for j in c.info("--all")["jobs"] if j["state"] == "COMPLETED") >= 20
-               and next(n for n in c.info("--nodes")["nodes"] if n["name"] == "node2")["jobs"],
-               timeout=60, what="the run to be under way, with jobs on node2")
-    os.kill(c.process("node2")["pid"], signal.SIGKILL)
+    ids = marked_jobs(c, workdir, JOBS, 0.5, "--retries", "3")
+
+    def busy_node():
+        """Once the run is under way, a node that runs some of its jobs now."""
+        if sum(1 for j in c.info("--all")["jobs"] if j["state"] == "COMPLETED") < 20:
+            return None
+        return next((n["name"] for n in c.info("--nodes")["nodes"] if n["jobs"]), None)
+    victim = wait_until(busy_node, timeout=60, what="the run to be under way")
+    os.kill(c.process(victim)["pid"], signal.SIGKILL)
     killed = time.monotonic()
-    wait_until(lambda: c.node_states()["node2"] == "DOWN", timeout=10, what="node2 DOWN")
+    wait_until(lambda: c.node_states()[victim] == "DOWN", timeout=10, what=f"{victim} DOWN")
     detection = time.monotonic() - killed
     jobs = settle(c, ids)
     lost, twice = lost_and_twice(c, workdir, ids, jobs)
