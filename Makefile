@@ -33,7 +33,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DB_KIND      = $(eval DB_KIND := $(shell DB=$(DB) MONGO_IMAGE=$(MONGO_IMAGE) scripts/choose-db))$(DB_KIND)
 DB_IMAGE     = $(if $(filter mongo,$(DB_KIND)),$(MONGO_IMAGE),cm-ferretdb:latest)
 
-.PHONY: all up images exec-head down clean logs test unit deps ferretdb local local-down help
+.PHONY: all up images exec-head down clean logs test unit deps ferretdb local local-down bench help
 
 all: up ## Start the container cluster (NODES compute nodes, default 3) and show it
 
@@ -82,6 +82,11 @@ test: deps ferretdb ## Run every test (installs what is missing first)
 unit: ## Only the tests that need no cluster
 	$(PYTHON) -m pytest -p no:cacheprovider -q tests/test_units.py tests/test_placement.py \
 	  tests/test_jobs.py tests/test_messages.py tests/test_config.py tests/test_users.py
+
+bench: deps ferretdb ## cm against Slurm on this machine (QUICK=1: a few minutes; CM_ONLY=1: without Slurm)
+	@$(if $(CM_ONLY),,dpkg -s slurm-wlm munge >/dev/null 2>&1 || { echo "installing slurm-wlm munge"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; })
+	$(PYTHON) bench/run.py $(if $(QUICK),--quick) $(if $(CM_ONLY),--cm-only)
 
 local: deps ferretdb ## A cluster of local processes instead of containers (cmcluster)
 	@$(PYTHON) cm/bin/cmcluster status --dir $(CLUSTER_DIR) >/dev/null 2>&1 \

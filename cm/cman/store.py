@@ -11,6 +11,7 @@ import logging
 
 import mongoengine as me
 import pymongo.errors
+from pymongo import UpdateOne
 
 from .jobs import STORED_FIELDS
 
@@ -116,6 +117,15 @@ class Store:
         doc = JobDoc(id=str(fields["id"]), **_job_doc_fields(fields))
         doc.validate()
         self.jobs.insert_one(doc.to_mongo().to_dict())
+
+    def apply_updates(self, jobs, nodes):
+        """Many changes, one round trip per collection: {job id: fields}, {node name: fields}."""
+        if jobs:
+            self.jobs.bulk_write([UpdateOne({"_id": str(job_id)}, {"$set": _job_doc_fields(fields)})
+                                  for job_id, fields in jobs.items()], ordered=False)
+        if nodes:
+            self.nodes.bulk_write([UpdateOne({"_id": name}, {"$set": fields}, upsert=True)
+                                   for name, fields in nodes.items()], ordered=False)
 
     def update_job(self, job_id, fields):
         self.jobs.update_one({"_id": str(job_id)}, {"$set": _job_doc_fields(fields)})

@@ -31,6 +31,9 @@ TRANSIENT = (pymongo.errors.AutoReconnect, pymongo.errors.ConnectionFailure,
              pymongo.errors.ServerSelectionTimeoutError, pymongo.errors.NetworkTimeout,
              pymongo.errors.ExecutionTimeout, pymongo.errors.WTimeoutError)
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0
+# Ops that may be applied together (updates are idempotent $sets); at most so many at once.
+BATCHED = frozenset({"update_job", "save_node", "barrier"})
+BATCH_MAX = 1000
 
 
 class Op:
@@ -121,19 +124,49 @@ class Writer:
             if op is None:
                 self._probe()
                 continue
-            error = self._apply(op)
+            batch = self._batch()
+            error = self._apply_batch(batch) if batch else self._apply(op)
             if isinstance(error, TRANSIENT):
                 self._set_available(False, error)
                 if op.retry and not self.stopping:
-                    time.sleep(pause)                 # the op stays first in line
+                    time.sleep(pause)                 # the ops stay first in line
                     pause = min(pause * 2, RETRY_MAX)
                     continue
             else:
                 self._set_available(True, None)
             pause = RETRY_FIRST
+            done = batch or [op]
             with self.cond:
-                self.queue.popleft()
-            self._finish(op, error)
+                for _ in done:
+                    self.queue.popleft()
+            for finished in done:
+                self._finish(finished, error)
+
+    def _batch(self):
+        """The updates and barriers at the front of the queue, up to the first op of another
+        kind: applied together, in one round trip per collection."""
+        with self.cond:
+            batch = []
+            for op in self.queue:
+                if op.method not in BATCHED or len(batch) >= BATCH_MAX:
+                    break
+                batch.append(op)
+        return batch
+
+    def _apply_batch(self, batch):
+        jobs, nodes = {}, {}              # later fields win, as they would applied one by one
+        for op in batch:
+            if op.method == "update_job":
+                jobs.setdefault(op.args[0], {}).update(op.args[1])
+            elif op.method == "save_node":
+                nodes.setdefault(op.args[0], {}).update(op.args[1])
+        try:
+            self.store.apply_updates(jobs, nodes)
+            return None
+        except pymongo.errors.PyMongoError as e:
+            if not isinstance(e, TRANSIENT):
+                log.error("database update of %d jobs and %d nodes refused: %s", len(jobs), len(nodes), e)
+            return e
 
     def _probe(self):
         try:

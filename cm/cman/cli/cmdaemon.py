@@ -21,7 +21,10 @@ NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 def parser():
     p = Parser(prog="cmdaemon", description="Run cm's head or compute daemon.")
-    p.add_argument("--role", required=True, choices=("head", "compute"), help="which daemon this node runs")
+    p.add_argument("--role", required=True, choices=("head", "compute", "simulate"),
+                   help="which daemon this node runs (simulate: --count simulated compute nodes, for benchmarks)")
+    p.add_argument("--count", type=whole_number(1), default=100, help="simulate: how many nodes")
+    p.add_argument("--task-seconds", type=float, default=0.0, help="simulate: how long each simulated task lasts")
     p.add_argument("--name", help="compute: this node's name (default: the host name)")
     p.add_argument("--cpus", type=whole_number(1), help="compute: CPUs to offer (default: what affinity and cgroup allow)")
     p.add_argument("--mem", type=converted(units.parse_mem), help="compute: memory to offer, e.g. 4G (default: measured)")
@@ -60,6 +63,10 @@ def run_daemon(args):
             serve(cfg, Store(cfg.database_url))
         except StoreError as e:
             raise CliError(f"the database at {cfg.database_url} is unavailable: {e}") from None
+        return Exit.OK
+    if args.role == "simulate":
+        from ..simnodes import serve as simulate
+        simulate(cfg, args.count, args.cpus or 4, args.mem if args.mem is not None else 8192, args.task_seconds)
         return Exit.OK
     name = args.name or socket.gethostname().split(".")[0]
     if not NODE_NAME.fullmatch(name):

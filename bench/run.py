@@ -1,0 +1,428 @@
+#!/usr/bin/python3
+"""cm against Slurm on this machine, in the same run.
+
+    bench/run.py [--quick] [--cm-only] [--out bench/results]
+
+cm runs as a local process cluster (cmcluster: 4 nodes x 4 CPUs, default
+settings); Slurm 22.05 as one node claiming the same 16 CPUs (bench/slurm.py).
+Each scenario does the same work on both, alternating where it can; every
+figure keeps its median, p90 and run count. The table goes to the terminal,
+everything to bench/results/<time>.json with the machine it ran on.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BIN = os.path.join(ROOT, "cm", "bin")
+sys.path.insert(0, os.path.join(ROOT, "cm"))
+sys.path.insert(0, HERE)
+
+import psutil  # noqa: E402
+
+from cman import client, config  # noqa: E402
+from slurm import Slurm, available as slurm_available  # noqa: E402
+
+NODES, CPUS = 4, 4                        # cm's cluster; Slurm's node claims NODES * CPUS
+
+
+def stats(samples):
+    samples = sorted(samples)
+    if not samples:
+        return None
+    p90 = samples[min(len(samples) - 1, int(round(0.9 * (len(samples) - 1))))]
+    return {"median": statistics.median(samples), "p90": p90, "runs": len(samples)}
+
+
+def timed(argv, env, cwd):
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[:300]}")
+    return elapsed, proc.stdout
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic()
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
+
+
+# ---------------------------------------------------------------- the two systems
+
+class Cm:
+    name = "cm"
+
+    def __init__(self, workdir):
+        self.dir = tempfile.mkdtemp(prefix="cmb-")
+        self.work = workdir
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+        self.env["PATH"] = BIN + os.pathsep + self.env["PATH"]
+
+    def start(self):
+        out = subprocess.run([os.path.join(BIN, "cmcluster"), "up", "--nodes", str(NODES), "--cpus", str(CPUS),
+                              "--dir", self.dir], env=self.env, capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            self.env[name] = value
+        self.settings = config.load(self.env)
+
+    def stop(self):
+        subprocess.run([os.path.join(BIN, "cmcluster"), "down", "--dir", self.dir], env=self.env,
+                       capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def process(self, name):
+        with open(os.path.join(self.dir, "cluster.json")) as f:
+            return next(p for p in json.load(f)["processes"] if p["name"] == name)
+
+    def cmd(self, *argv):
+        return [os.path.join(BIN, argv[0]), *argv[1:]]
+
+    def submit(self, *argv):
+        return self.cmd("cmrun", *argv)
+
+    def submit_wrap(self, command):
+        return self.cmd("cmrun", "sh", "-c", command)
+
+    def job_id(self, out):
+        return int(out.strip())
+
+    def first_output(self, job_id):
+        return os.path.join(self.work, "cmlogs", str(job_id), "0.out")
+
+    def active(self):
+        return len(client.request(self.settings, "info", jobs=True)["jobs"])
+
+    def blocking(self, procs, command):
+        return self.cmd("cmrun", "--wait", "-n", "1", "-p", str(procs), command)
+
+    def queue_view(self):
+        return self.cmd("cminfo", "--jobs")
+
+    def cancel(self, ids):
+        return self.cmd("cmkill", *map(str, ids))
+
+    def blocker(self):
+        return self.cmd("cmrun", "-n", str(NODES), "-p", str(CPUS), "sleep", "600")
+
+    def daemons(self):
+        return {"controller": self.process("head")["pid"], "node daemon": self.process("node1")["pid"]}
+
+
+class SlurmSide:
+    name = "slurm"
+
+    def __init__(self, workdir, tuned=False, timeout=None):
+        self.work = workdir
+        self.dir = tempfile.mkdtemp(prefix="slb-")
+        self.slurm = Slurm(self.dir, NODES * CPUS, tuned=tuned, timeout=timeout)
+        self.env = self.slurm.env
+
+    def start(self):
+        self.slurm.start()
+
+    def stop(self):
+        self.slurm.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def submit(self, *argv):
+        return ["sbatch", "-o", "/dev/null", "--wrap", " ".join(argv)]
+
+    def submit_wrap(self, command):
+        return ["sbatch", "-o", "slurm-%j.out", "--wrap", command]
+
+    def job_id(self, out):
+        return int(out.split()[-1])
+
+    def first_output(self, job_id):
+        return os.path.join(self.work, f"slurm-{job_id}.out")
+
+    def active(self):
+        return len(self.slurm.run("squeue", "-h", "-t", "PD,R,CG").stdout.splitlines())
+
+    def blocking(self, procs, command):
+        return ["srun", "-N1", "-n", str(procs), command]
+
+    def queue_view(self):
+        return ["squeue"]
+
+    def cancel(self, ids):
+        return ["scancel", *map(str, ids)]
+
+    def blocker(self):
+        return ["sbatch", "-o", "/dev/null", "-n", str(NODES * CPUS), "--wrap", "sleep 600"]
+
+    def daemons(self):
+        return {"controller": self.slurm.pid("slurmctld"), "node daemon": self.slurm.pid("slurmd")}
+
+
+# ---------------------------------------------------------------- scenarios
+
+def submit_latency(systems, n, report):
+    samples = {s.name: [] for s in systems}
+    for _ in range(n):
+        for s in systems:                 # alternately
+            samples[s.name].append(timed(s.submit("true"), s.env, s.work)[0] * 1000)
+    report("submit latency (one job from a shell)", "ms", "lower", samples, "cm <= 3x sbatch")
+    for s in systems:
+        wait_for(lambda: s.active() == 0, 120, f"{s.name} to drain")
+
+
+def submit_to_start(systems, n, report):
+    samples = {s.name: [] for s in systems}
+    for _ in range(n):
+        for s in systems:
+            started = time.time()
+            _, out = timed(s.submit_wrap("date +%s.%N"), s.env, s.work)
+            path = s.first_output(s.job_id(out))
+            wait_for(lambda: os.path.exists(path) and os.path.getsize(path) > 0, 60, "the task to start")
+            with open(path) as f:
+                samples[s.name].append((float(f.read().split()[0]) - started) * 1000)
+            wait_for(lambda: s.active() == 0, 60, f"{s.name} to be idle")
+    report("submit -> start on an idle cluster", "ms", "lower", samples, "cm p50 <= 100 ms")
+
+
+def blocking_runs(systems, n, report):
+    for procs, command in ((1, "true"), (4, "hostname")):
+        samples = {s.name: [] for s in systems}
+        for _ in range(n):
+            for s in systems:
+                samples[s.name].append(timed(s.blocking(procs, command), s.env, s.work)[0] * 1000)
+        report(f"blocking run, 1 node x {procs} ({command})", "ms", "lower", samples, "cm <= 1.5x srun")
+
+
+def throughput(systems, jobs, report, label=""):
+    for s in systems:
+        start = time.monotonic()
+        for _ in range(jobs):
+            timed(s.submit("true"), s.env, s.work)
+        submitted = time.monotonic()
+        done = wait_for(lambda: s.active() == 0, 3600, f"{jobs} jobs to finish on {s.name}")
+        report(f"{jobs} trivial jobs: submission rate{label}", "jobs/s", "higher",
+               {s.name: [jobs / (submitted - start)]}, None)
+        report(f"{jobs} trivial jobs: end to end{label}", "jobs/s", "higher",
+               {s.name: [jobs / (done - start)]}, "cm >= 5x Slurm default, >= 2x tuned")
+
+
+def queue_and_cancel(systems, jobs, n, report):
+    ids, blockers = {}, {}
+    for s in systems:
+        blockers[s.name] = s.job_id(timed(s.blocker(), s.env, s.work)[1])
+        ids[s.name] = [s.job_id(timed(s.submit("true"), s.env, s.work)[1]) for _ in range(jobs)]
+    samples = {s.name: [] for s in systems}
+    for _ in range(n):
+        for s in systems:
+            samples[s.name].append(timed(s.queue_view(), s.env, s.work)[0] * 1000)
+    report(f"queue view with {jobs} pending", "ms", "lower", samples, "cm <= 2x squeue")
+    cancel = {}
+    for s in systems:
+        cancel[s.name] = [timed(s.cancel(ids[s.name]), s.env, s.work)[0] * 1000]
+        timed(s.cancel([blockers[s.name]]), s.env, s.work)
+        wait_for(lambda: s.active() == 0, 120, f"{s.name} to drain")
+    report(f"cancel of {jobs} jobs (one command)", "ms", "lower", cancel, "cm <= Slurm")
+
+
+def memory(systems, when, report):
+    for role in ("controller", "node daemon"):
+        values = {s.name: [psutil.Process(s.daemons()[role]).memory_info().rss / 2**20] for s in systems}
+        report(f"{role} RSS, {when}", "MB", "lower", values, "cm head <= slurmctld" if role == "controller" else None)
+
+
+def cm_failure_detection(cm, report):
+    node = cm.process(f"node{NODES}")
+    os.kill(node["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    down = wait_for(lambda: any(n["name"] == node["name"] and n["state"] == "DOWN"
+                                for n in client.request(cm.settings, "info", nodes=True)["nodes"]),
+                    60, "cm to show the node DOWN")
+    report("killed node daemon shown DOWN", "s", "lower", {"cm": [down - killed]}, "cm <= 3 s")
+
+
+def slurm_failure_detection(side, label, report, timeout):
+    os.kill(side.slurm.pid("slurmd"), signal.SIGKILL)
+    killed = time.monotonic()
+    def down():                           # "down" or "down*"
+        return side.slurm.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip().startswith("down")
+    done = wait_for(down, timeout, "Slurm to show the node DOWN")
+    report(f"killed node daemon shown DOWN{label}", "s", "lower", {"slurm": [done - killed]}, None)
+
+
+def scale(node_counts, jobs, seconds, report):
+    """cm only: simulated nodes heartbeating each second; the head's CPU and RSS, and
+    the time to place jobs across them."""
+    for count in node_counts:
+        cm = Cm(tempfile.mkdtemp(prefix="cmw-"))
+        cm.start()
+        sim = None
+        try:
+            env = dict(cm.env, CM_HEAD_HOST="127.0.0.1", CM_KEYS_DIR=os.path.join(cm.dir, "keys"),
+                       CM_HEAD_PORT=cm.process("head")["cm_env"]["CM_HEAD_PORT"])
+            sim = subprocess.Popen([os.path.join(BIN, "cmdaemon"), "--role", "simulate", "--count", str(count),
+                                    "--task-seconds", "0"], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+            wait_for(lambda: sum(1 for n in client.request(cm.settings, "info", nodes=True)["nodes"]
+                                 if n["state"] == "UP") >= count + NODES, 120, f"{count} simulated nodes")
+            head = psutil.Process(cm.process("head")["pid"])
+            before, start = head.cpu_times(), time.monotonic()
+            time.sleep(seconds)           # the measured window: heartbeats only
+            after, end = head.cpu_times(), time.monotonic()
+            busy = (after.user + after.system - before.user - before.system) / (end - start) * 100
+            report(f"head CPU with {count} simulated nodes heartbeating", "% of a core", "lower",
+                   {"cm": [busy]}, "cm < 30% at 1000 nodes")
+            report(f"head RSS with {count} simulated nodes", "MB", "lower",
+                   {"cm": [head.memory_info().rss / 2**20]}, None)
+            # Every node held by one job, the jobs queued behind it, then all released at once.
+            total_nodes = count + NODES
+            blocker = int(subprocess.run(cm.cmd("cmrun", "-n", str(total_nodes), "-p", "2", "-t", "10m", "sleep", "600"),
+                                         env=cm.env, cwd=cm.work, capture_output=True, text=True, check=True).stdout)
+            for _ in range(jobs):
+                client.request(cm.settings, "submit", argv=["true"], workdir=cm.work, env=[])
+            released = time.monotonic()
+            subprocess.run(cm.cmd("cmkill", str(blocker)), env=cm.env, check=True)
+            wait_for(lambda: cm.active() == 0, 600, f"{jobs} jobs to run")
+            report(f"{jobs} single-task jobs placed and run on {count} simulated nodes", "s", "lower",
+                   {"cm": [time.monotonic() - released]}, None)
+        finally:
+            if sim is not None:
+                sim.terminate()
+                sim.wait(timeout=30)
+            cm.stop()
+
+
+# ---------------------------------------------------------------- report
+
+class Report:
+    def __init__(self):
+        self.figures = []
+
+    def __call__(self, name, unit, better, samples, target):
+        row = {"name": name, "unit": unit, "better": better, "target": target}
+        for system, values in samples.items():
+            row[system] = stats(values)
+        cm, slurm = row.get("cm"), row.get("slurm")
+        if cm and slurm and slurm["median"]:
+            row["ratio"] = cm["median"] / slurm["median"]
+        existing = next((f for f in self.figures if f["name"] == name), None)
+        if existing:
+            existing.update({k: v for k, v in row.items() if v is not None})
+            if existing.get("cm") and existing.get("slurm") and existing["slurm"]["median"]:
+                existing["ratio"] = existing["cm"]["median"] / existing["slurm"]["median"]
+        else:
+            self.figures.append(row)
+        print(f"  {name}: " + ", ".join(f"{s} {row[s]['median']:.3g} {unit}" for s in ("cm", "slurm") if row.get(s)),
+              flush=True)
+
+    def table(self):
+        def cell(stat):
+            return "-" if not stat else f"{stat['median']:.3g} (p90 {stat['p90']:.3g}, n={stat['runs']})"
+        rows = [("figure", "unit", "cm", "Slurm", "cm/Slurm", "target")]
+        for f in self.figures:
+            ratio = f"{f['ratio']:.2f}" if f.get("ratio") else "-"
+            rows.append((f["name"], f["unit"], cell(f.get("cm")), cell(f.get("slurm")), ratio, f["target"] or ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+        lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        return "\n".join(lines)
+
+
+def machine():
+    return {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version(), "host": platform.node(),
+            "slurm": subprocess.run(["slurmctld", "-V"], capture_output=True, text=True).stdout.strip()
+            if shutil.which("slurmctld") else None}
+
+
+def main():
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer runs and jobs: a few minutes")
+    p.add_argument("--cm-only", action="store_true", help="measure cm alone, without Slurm")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="where the JSON goes")
+    args = p.parse_args()
+    if not args.cm_only and not slurm_available():
+        sys.exit("bench: Slurm is not installed (make bench installs slurm-wlm and munge); --cm-only measures cm alone")
+    quick = args.quick
+    n, jobs, big = (20, 200, 200) if quick else (50, 1000, 1000)
+    report = Report()
+    work = tempfile.mkdtemp(prefix="bench-")
+    os.chmod(work, 0o755)
+    cm = Cm(work)
+    systems = [cm]
+    slurm = None
+    try:
+        cm.start()
+        if not args.cm_only:
+            slurm = SlurmSide(work)
+            slurm.start()
+            systems.append(slurm)
+        print("scenario 6: memory, idle")
+        memory(systems, "idle", report)
+        print("scenario 1: submit latency")
+        submit_latency(systems, max(n, 50), report)
+        print("scenario 2: submit -> start")
+        submit_to_start(systems, 10 if quick else 30, report)
+        print("scenario 3: blocking runs")
+        blocking_runs(systems, 10 if quick else 30, report)
+        print(f"scenario 4: {jobs} trivial jobs")
+        throughput(systems, jobs, report)
+        print("scenario 6: memory, after the jobs")
+        memory(systems, f"after {jobs} jobs", report)
+        print(f"scenario 5: queue view and cancel with {big} pending")
+        queue_and_cancel(systems, big, 20, report)
+        print("scenario 8: failure detection")
+        cm_failure_detection(cm, report)
+        if slurm is not None:
+            slurm.stop()
+            slurm = None
+            if not quick:
+                tuned = SlurmSide(work, tuned=True)
+                tuned.start()
+                try:
+                    throughput([tuned], jobs, report, label=", Slurm tuned (batch_sched_delay=0)")
+                finally:
+                    tuned.stop()
+            fastest = SlurmSide(work, timeout=1)
+            fastest.start()
+            try:
+                slurm_failure_detection(fastest, ", Slurm with SlurmdTimeout=1", report, 120)
+            finally:
+                fastest.stop()
+            if not quick:
+                default = SlurmSide(work)
+                default.start()
+                try:
+                    slurm_failure_detection(default, ", Slurm defaults", report, 900)
+                finally:
+                    default.stop()
+    finally:
+        if slurm is not None:
+            slurm.stop()
+        cm.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print("scenario 7: scale (cm only)")
+    scale((100, 500, 1000) if not quick else (100, 1000), 1000 if not quick else 300, 10 if not quick else 5, report)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"{stamp}{'-quick' if quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "quick": quick, "figures": report.figures}, f, indent=1)
+    print()
+    print(report.table())
+    print(f"\nwritten to {os.path.relpath(path, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
