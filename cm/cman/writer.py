@@ -31,9 +31,10 @@ TRANSIENT = (pymongo.errors.AutoReconnect, pymongo.errors.ConnectionFailure,
              pymongo.errors.ServerSelectionTimeoutError, pymongo.errors.NetworkTimeout,
              pymongo.errors.ExecutionTimeout, pymongo.errors.WTimeoutError)
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0
-# Ops that may be applied together (updates are idempotent $sets); at most so many at once.
+# Ops that may be applied together: the queued changes to one job (or node) become one
+# write (they are idempotent $sets, so a batch that fails is simply applied again).
 BATCHED = frozenset({"update_job", "save_node", "barrier"})
-BATCH_MAX = 1000
+BATCH_MAX = 200
 
 
 class Op:
@@ -144,7 +145,7 @@ class Writer:
 
     def _batch(self):
         """The updates and barriers at the front of the queue, up to the first op of another
-        kind: applied together, in one round trip per collection."""
+        kind: applied together, one write per job or node however many changes it had."""
         with self.cond:
             batch = []
             for op in self.queue:

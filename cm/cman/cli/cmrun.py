@@ -4,7 +4,6 @@
     cmrun --wait -t 10m python3 train.py     # block; exit with the job's exit code
 """
 import os
-import signal
 import sys
 
 from .. import config, units
@@ -75,6 +74,7 @@ def main(argv):
             except Unreachable:           # the head restarted while the job ran: ask the new one
                 job = wait_for_end(settings, job_id)
         except KeyboardInterrupt:
+            import signal                 # here only: its import costs every cmrun a few ms
             print(f"cmrun: stopped waiting; job {job_id} goes on (cmkill {job_id} stops it)", file=sys.stderr)
             return 128 + signal.SIGINT
     finally:
