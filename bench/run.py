@@ -287,7 +287,7 @@ def scale(node_counts, jobs, seconds, report):
                    {"cm": [head.memory_info().rss / 2**20]}, None)
             # Every node held by one job, the jobs queued behind it, then all released at once.
             total_nodes = count + NODES
-            blocker = int(subprocess.run(cm.cmd("cmrun", "-n", str(total_nodes), "-p", "2", "-t", "10m", "sleep", "600"),
+            blocker = int(subprocess.run(cm.cmd("cmrun", "-n", str(total_nodes), "-p", str(CPUS), "-t", "10m", "sleep", "600"),
                                          env=cm.env, cwd=cm.work, capture_output=True, text=True, check=True).stdout)
             for _ in range(jobs):
                 client.request(cm.settings, "submit", argv=["true"], workdir=cm.work, env=[])
