@@ -27,7 +27,7 @@ from . import keys, messages, wakeup
 from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
-from .tasks import Runner, become_subreaper, end_report, stop_leftover
+from .tasks import Runner, become_subreaper, stop_leftover
 from .vocab import EndCause, Op
 
 log = logging.getLogger("cm.compute")
@@ -99,7 +99,7 @@ class Compute:
                 continue
             if stop_leftover(pid, entry.get("create_time")):
                 log.warning("job %d rank %d (pid %d) was left by the previous daemon; killed", key[0], key[2], pid)
-            self.unacked[key] = end_report(key, EndCause.LOST, message="its compute daemon restarted")
+            self.unacked[key] = messages.task_end(key, EndCause.LOST, message="its compute daemon restarted")
         for report in state.get("ended", []):
             try:
                 report = messages.TASK_END("ended", report)

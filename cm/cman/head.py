@@ -76,6 +76,11 @@ class Node:
             return "idle"
         return "alloc" if self.alloc_cpus >= self.cpus else "mixed"
 
+    def stored(self):
+        """What the database keeps of a node (written on UP/DOWN and on a change of size)."""
+        return {"state": self.state, "reason": self.reason, "state_since": self.state_since,
+                "cpus": self.cpus, "mem_mb": self.mem_mb}
+
     def view(self):
         return {
             "name": self.name, "state": self.state, "status": self.status(), "reason": self.reason,
@@ -286,23 +291,17 @@ class Head:
         node = self.nodes.get(name)
         if node is None:
             node = self.nodes[name] = Node(name, msg.cpus, msg.mem_mb)
-        changed = {}
-        if (node.cpus, node.mem_mb) != (msg.cpus, msg.mem_mb):
-            node.cpus, node.mem_mb = msg.cpus, msg.mem_mb
-            changed.update(cpus=msg.cpus, mem_mb=msg.mem_mb)
+        before = node.stored()
+        node.cpus, node.mem_mb = msg.cpus, msg.mem_mb
         now = self.clock()
         node.last_seen = now
         node.connected = True
         if node.state != NodeState.UP:
             # DOWN -> UP: it is back (or new); it gets work on the next pass.
             node.state, node.reason, node.state_since = NodeState.UP, "", self.wall()
-            changed.update(state=node.state, reason="", state_since=node.state_since)
             self.set_timer(now + self.cfg.node_timeout, LIVENESS, name)
-        if changed:
-            changed.setdefault("cpus", node.cpus)
-            changed.setdefault("mem_mb", node.mem_mb)
-            changed.setdefault("state", node.state)
-            self.writer.save_node(name, changed)
+        if node.stored() != before:
+            self.writer.save_node(name, node.stored())
         self.triggers.add(f"node {name} ready")
         log.info("node %s registered: %d CPUs, %d MiB, running %d tasks, reporting %d ended",
                  name, msg.cpus, msg.mem_mb, len(msg.running), len(msg.ended))
@@ -328,7 +327,7 @@ class Head:
             missing = sorted(r for r in job.outstanding.get(node.name, ()) if (job.id, job.attempt, r) not in running)
             if missing:
                 log.warning("node %s never received ranks %s of job %d; sending them again", node.name, missing, job.id)
-                self.send_launch(job, node.name, missing)
+                self.send_launch(job, job.node_list.index(node.name), missing)
         strays = set()
         for job_id, attempt, rank in running:
             job = self.jobs.get(job_id)
@@ -421,8 +420,7 @@ class Head:
         log.warning("node %s DOWN: %s", node.name, why)
         node.state, node.reason, node.state_since = NodeState.DOWN, why, self.wall()
         node.connected = False
-        self.writer.save_node(node.name, {"state": node.state, "reason": why, "state_since": node.state_since,
-                                          "cpus": node.cpus, "mem_mb": node.mem_mb})
+        self.writer.save_node(node.name, node.stored())
         self.fail_tasks_on(node, f"node {node.name} lost: {why}")
         self.plan_forget(node, self.clock())
         self.triggers.add(f"node {node.name} lost")
@@ -434,10 +432,12 @@ class Head:
             log.info("job %d: %s; rule: %s", job.id, why,
                      "requeue (retries left)" if fate == lifecycle.REQUEUE else "NODE_FAIL (no retries left)")
             self.doom(job, fate, why)
-            lost = [{"job": job.id, "attempt": job.attempt, "rank": rank, "cause": EndCause.LOST,
-                     "exit_code": None, "signal": None, "message": ""}
-                    for rank in sorted(job.outstanding.get(node.name, ()))]
-            self.apply_task_ends(node.name, lost)
+            self.end_outstanding(job, node.name, EndCause.LOST)
+
+    def end_outstanding(self, job, name, cause):
+        """Count every rank of job still expected on node name as ended, by cause."""
+        ranks = sorted(job.outstanding.get(name, ()))
+        self.apply_task_ends(name, [messages.task_end((job.id, job.attempt, r), cause) for r in ranks])
 
     # ------------------------------------------------------------------ jobs
 
@@ -491,18 +491,16 @@ class Head:
             return                        # lost or requeued while it was being recorded
         job.launched = True
         if job.fate is not None:          # cancelled (or doomed) before it could start
-            for name, ranks in list(job.outstanding.items()):
-                self.apply_task_ends(name, [{"job": job.id, "attempt": attempt, "rank": rank,
-                                             "cause": EndCause.KILLED, "exit_code": None, "signal": None,
-                                             "message": ""} for rank in sorted(ranks)])
+            for name in list(job.outstanding):
+                self.end_outstanding(job, name, EndCause.KILLED)
             return
-        for name in job.node_list:
-            self.send_launch(job, name, job.ranks_on(job.node_list.index(name)))
+        for node_rank, name in enumerate(job.node_list):
+            self.send_launch(job, node_rank, job.ranks_on(node_rank))
         log.info("job %d started on %s (attempt %d)", job.id, ",".join(job.node_list), attempt)
 
-    def send_launch(self, job, name, ranks):
-        self.send(name, messages.Launch(
-            job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=job.node_list.index(name),
+    def send_launch(self, job, node_rank, ranks):
+        self.send(job.node_list[node_rank], messages.Launch(
+            job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=node_rank,
             nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
             env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit))
 

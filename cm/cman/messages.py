@@ -128,6 +128,13 @@ TASK_END = Record({
 })
 
 
+def task_end(key, cause, exit_code=None, signal=None, message=""):
+    """One task's end report (the TASK_END shape): key is (job, attempt, rank)."""
+    job, attempt, rank = key
+    return {"job": job, "attempt": attempt, "rank": rank, "cause": cause,
+            "exit_code": exit_code, "signal": signal, "message": message[:1000]}
+
+
 # ---- messages ----
 
 class Message:

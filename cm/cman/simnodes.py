@@ -15,7 +15,6 @@ import zmq
 
 from . import keys, messages, wakeup
 from .messages import BadMessage
-from .tasks import end_report
 from .vocab import EndCause, Op
 
 log = logging.getLogger("cm.simnodes")
@@ -127,7 +126,7 @@ class Simulation:
         ranks.discard(key[2])
         if not ranks:
             del node.running[key[:2]]
-        report = end_report(key, cause, exit_code, sig)
+        report = messages.task_end(key, cause, exit_code, sig)
         node.unacked[key] = report
         self.send(node, messages.TaskEnded(ended=[report]))
 

@@ -17,6 +17,7 @@ import subprocess
 
 import psutil
 
+from .messages import task_end
 from .vocab import EndCause
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -72,12 +73,6 @@ def task_env(spec, rank, local_rank, node_name):
     return env
 
 
-def end_report(key, cause, exit_code=None, sig=None, message=""):
-    job, attempt, rank = key
-    return {"job": job, "attempt": attempt, "rank": rank, "cause": cause,
-            "exit_code": exit_code, "signal": sig, "message": message[:1000]}
-
-
 class Runner:
     def __init__(self, node_name, kill_grace, clock):
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
@@ -105,7 +100,7 @@ class Runner:
             if key in self.tasks:
                 continue                  # a repeated launch: it already runs
             if refusal:
-                failed.append(end_report(key, EndCause.LAUNCH_FAILED, 1, None, refusal))
+                failed.append(task_end(key, EndCause.LAUNCH_FAILED, 1, None, refusal))
                 continue
             report = self._start(spec, key, local_rank)
             if report:
@@ -125,7 +120,7 @@ class Runner:
         try:
             out, err = self._open_logs(spec, rank)
         except OSError as e:
-            return end_report(key, EndCause.LAUNCH_FAILED, 1, None,
+            return task_end(key, EndCause.LAUNCH_FAILED, 1, None,
                               f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
         identity = {}
         if self.as_root and spec.uid != 0:
@@ -141,7 +136,7 @@ class Runner:
             code = 127 if e.errno == errno.ENOENT else 126
             message = f"cannot run {spec.argv[0]!r}: {e.strerror}"
             self._note_in_err(spec, rank, message)
-            return end_report(key, EndCause.LAUNCH_FAILED, code, None, message)
+            return task_end(key, EndCause.LAUNCH_FAILED, code, None, message)
         task = Task(key, proc, self.clock(), spec.time_limit)
         self.tasks[key] = task
         self.by_pid[task.pid] = task
@@ -264,7 +259,7 @@ class Runner:
             self._signal_task(task, signal.SIGKILL)
             exit_code, sig = (code, None) if code >= 0 else (None, -code)
             cause = task.stop_cause or EndCause.EXITED
-            reports.append(end_report(task.key, cause, exit_code, sig, task.stop_message))
+            reports.append(task_end(task.key, cause, exit_code, sig, task.stop_message))
             log.debug("job %d rank %d ended: %s, exit %s, signal %s", task.key[0], task.key[2], cause, exit_code, sig)
         return reports
 

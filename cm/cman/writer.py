@@ -178,8 +178,6 @@ class Writer:
 
     def _apply(self, op):
         try:
-            if op.method == "barrier":
-                return None
             if op.method == "insert_job":
                 fields = dict(op.args[0], id=self.next_job_id)
                 self.store.insert_job(fields)
