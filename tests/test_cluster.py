@@ -53,6 +53,30 @@ def test_n_by_p_job_gets_its_environment_and_log_files(cluster, workdir):
     assert (job["state"], job["exit_code"], job["ntasks"]) == ("COMPLETED", 0, 6)
 
 
+def test_double_dash_ends_cmruns_options_and_is_no_part_of_the_command(cluster, workdir):
+    # The README's first example, on the local cluster.
+    out = cluster.ok("cmrun", "-n", "3", "-p", "2", "--wait", "--", "sh", "-c", "echo $CM_RANK $CM_NODENAME",
+                     cwd=workdir)
+    job = cluster.job(int(out))
+    assert (job["state"], job["name"]) == ("COMPLETED", "sh")
+    logs = os.path.join(workdir, "cmlogs", str(job["id"]))
+    for rank in range(6):
+        with open(os.path.join(logs, f"{rank}.out")) as f:
+            assert f.read() == f"{rank} node{rank // 2 + 1}\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--wait", "--", "python3", "args.py", "--debug", "-n", "5", "--"],
+    ["--wait", "python3", "args.py", "--debug", "-n", "5", "--"],
+    ["--debug", "--wait", "--", "python3", "args.py", "--debug", "-n", "5", "--"],
+])
+def test_the_commands_own_options_reach_it_untouched(cluster, workdir, argv):
+    script(workdir, "args.py", "import sys\nprint(sys.argv[1:])\n")
+    out = cluster.ok("cmrun", *argv, cwd=workdir)
+    with open(os.path.join(workdir, "cmlogs", out.strip(), "0.out")) as f:
+        assert f.read() == "['--debug', '-n', '5', '--']\n"
+
+
 def test_cmrun_prints_the_job_id_alone_and_ids_are_consecutive(cluster, workdir):
     first = cluster.cm("cmrun", "true", cwd=workdir)
     second = cluster.cm("cmrun", "true", cwd=workdir)

@@ -43,3 +43,17 @@ def test_unknown_names_in_a_file_are_refused(tmp_path):
     site.write_text("heartbeat = 3\n")
     with pytest.raises(config.ConfigError, match=r"site.conf:1: unknown setting 'heartbeat'"):
         config.load({"CM_CONFIG": str(site)})
+
+
+def test_the_site_file_in_etc_cm_is_read_by_default_and_each_value_says_where_it_came_from(tmp_path):
+    site = tmp_path / "cm.conf"
+    site.write_text("default_nodes = 3\n")
+    cfg = config.load({"CM_DEFAULT_TIME": "5m"}, site_file=str(site))
+    assert (cfg.default_nodes, cfg.origin("default_nodes")) == (3, str(site))
+    assert (cfg.default_time, cfg.origin("default_time")) == (300, "CM_DEFAULT_TIME")
+    assert cfg.origin("default_mem") == "cm.conf"
+    # CM_CONFIG names another site file instead; a missing default site file is no error.
+    other = tmp_path / "other.conf"
+    other.write_text("default_nodes = 5\n")
+    assert config.load({"CM_CONFIG": str(other)}, site_file=str(site)).default_nodes == 5
+    assert config.load({}, site_file=str(tmp_path / "none.conf")).default_nodes == 1

@@ -1,6 +1,8 @@
 """cm's settings: what each one is, how it is checked, and where its value
-comes from (cm/etc/cm.conf, then the file named by CM_CONFIG, then CM_<NAME>
-environment variables). The defaults and their meanings live in cm.conf;
+comes from (cm/etc/cm.conf, then the site file, then CM_<NAME> environment
+variables). The site file is the one CM_CONFIG names, else /etc/cm/cm.conf
+where it exists (a container cluster's drive/etc/cm.conf), so that daemons
+and the commands users type read the same settings. The defaults and their meanings live in cm.conf;
 this module holds their types. Kept free of heavy imports: the CLI loads it.
 """
 import os
@@ -8,6 +10,7 @@ import os
 from . import units
 
 DEFAULT_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "cm.conf")
+SITE_FILE = "/etc/cm/cm.conf"
 
 
 class ConfigError(ValueError):
@@ -99,11 +102,13 @@ SCHEMA = {
 class Config:
     """Checked settings as attributes (config.heartbeat_interval, ...)."""
 
-    def __init__(self, values):
+    def __init__(self, values, origins=None):
         self.__dict__.update(values)
+        self._origins = origins or {}
 
-    def as_dict(self):
-        return dict(self.__dict__)
+    def origin(self, name):
+        """Where a setting's value was set: 'cm.conf', a site file's path, or CM_<NAME>."""
+        return self._origins.get(name, "cm.conf")
 
 
 def read_file(path):
@@ -128,20 +133,24 @@ def read_file(path):
     return pairs
 
 
-def load(environ=None, path=DEFAULT_FILE):
+def load(environ=None, path=DEFAULT_FILE, site_file=SITE_FILE):
     """All settings, checked. Raises ConfigError naming the bad one and where it came from."""
     environ = os.environ if environ is None else environ
     raw = read_file(path)
     missing = sorted(set(SCHEMA) - set(raw))
     if missing:
         raise ConfigError(f"{path}: missing settings: {', '.join(missing)}")
-    site = environ.get("CM_CONFIG")
+    origins = {}
+    site = environ.get("CM_CONFIG") or (site_file if site_file and os.path.isfile(site_file) else None)
     if site:
-        raw.update(read_file(site))
+        site_pairs = read_file(site)
+        raw.update(site_pairs)
+        origins.update({name: site for name in site_pairs})
     for name in SCHEMA:
         env_name = "CM_" + name.upper()
         if env_name in environ:
             raw[name] = (environ[env_name].strip(), f"environment variable {env_name}")
+            origins[name] = env_name
     values = {}
     for name, (check, want) in SCHEMA.items():
         text, origin = raw[name]
@@ -153,4 +162,4 @@ def load(environ=None, path=DEFAULT_FILE):
         raise ConfigError(
             f"node_timeout ({values['node_timeout']}) must be longer than heartbeat_interval "
             f"({values['heartbeat_interval']}), or every node would be marked DOWN between heartbeats")
-    return Config(values)
+    return Config(values, origins)

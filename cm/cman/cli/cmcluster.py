@@ -38,14 +38,12 @@ def parser():
         r = sub.add_parser(name, help=text)
         r.add_argument("name", help="the process, as `cmcluster status` names it")
     for action in sub.choices.values():
-        action.error = p.error            # one-line usage errors in subcommands too
         action.add_argument("--dir", default=default_dir(),
                             help="where the cluster keeps its socket, logs and data (default: %(default)s)")
     return p
 
 
-def main(argv):
-    args = parser().parse_args(argv)
+def main(args):
     try:
         if args.action == "up":
             if args.database_url is not None and not args.database_url.startswith("mongodb"):
@@ -76,4 +74,4 @@ def main(argv):
 
 
 def cli():
-    run("cmcluster", main)
+    run("cmcluster", main, parser)

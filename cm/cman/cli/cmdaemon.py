@@ -42,8 +42,7 @@ def profiled(path, run):
         profiler.dump_stats(path)
 
 
-def main(argv):
-    args = parser().parse_args(argv)
+def main(args):
     if args.profile:
         profile, args.profile = args.profile, None
         return profiled(profile, lambda: run_daemon(args))
@@ -80,4 +79,4 @@ def run_daemon(args):
 
 def cli():
     from .common import run
-    run("cmdaemon", main)
+    run("cmdaemon", main, parser)

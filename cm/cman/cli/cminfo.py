@@ -71,8 +71,7 @@ def job_lines(jobs):
     return table(rows, ("JOBID", "USER", "NAME", "STATE", "NODES", "TASKS", "ELAPSED", "LIMIT", "EXIT", "NODELIST(REASON)"))
 
 
-def main(argv):
-    args = parser().parse_args(argv)
+def main(args):
     ids = job_ids(args.job)
     if args.nodes or args.jobs:           # either or both, as asked
         want_nodes, want_jobs = args.nodes, args.jobs or args.all or bool(ids)
@@ -101,4 +100,4 @@ def main(argv):
 
 
 def cli():
-    run("cminfo", main)
+    run("cminfo", main, parser)

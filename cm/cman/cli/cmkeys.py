@@ -13,12 +13,11 @@ def parser():
     return p
 
 
-def main(argv):
-    args = parser().parse_args(argv)
+def main(args):
     if make(args.directory):
         print(f"made the cluster's keys in {args.directory}")
     return Exit.OK
 
 
 def cli():
-    run("cmkeys", main)
+    run("cmkeys", main, parser)

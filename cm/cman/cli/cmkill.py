@@ -16,8 +16,7 @@ def parser():
     return p
 
 
-def main(argv):
-    args = parser().parse_args(argv)
+def main(args):
     ids = []
     for text in args.job_ids:
         if not text.isdigit() or not text.isascii():
@@ -33,4 +32,4 @@ def main(argv):
 
 
 def cli():
-    run("cmkill", main)
+    run("cmkill", main, parser)

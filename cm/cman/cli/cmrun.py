@@ -1,7 +1,12 @@
 """cmrun: submit a job of NODES x PROCS_PER_NODE tasks and print its id.
 
     cmrun -n 2 -p 4 ./sim --steps 100
-    cmrun --wait -t 10m python3 train.py     # block; exit with the job's exit code
+    cmrun --wait -t 10m -- python3 train.py --debug   # block; exit with the job's exit code
+
+cmrun's options end at the command's first word, or at `--`; everything
+after that is the command's own. Options left out take the cluster's
+defaults (default_nodes, ...), which cmrun reads from the settings and
+sends, so that --help can say what they are.
 """
 import os
 import sys
@@ -9,27 +14,37 @@ import sys
 from .. import config, units
 from ..client import Unreachable, open_request, wait_for_end
 from ..vocab import Exit, JobState, Op
-from .common import Parser, UsageError, converted, run, whole_number
+from .common import Parser, UsageError, configured, converted, run, whole_number
+
+# Each option with a cluster default: (its dest, the setting).
+DEFAULTS = (("nodes", "default_nodes"), ("procs_per_node", "default_procs_per_node"),
+            ("cpus_per_proc", "default_cpus_per_proc"), ("mem", "default_mem"),
+            ("time", "default_time"), ("retries", "default_retries"))
 
 
 def parser():
-    p = Parser(prog="cmrun", description="Submit a job: NODES nodes, PROCS_PER_NODE processes on each.",
-               epilog="Options go before the command; everything after it is the command's own.")
-    p.add_argument("-n", "--nodes", type=whole_number(1), help="distinct nodes the job needs (default: default_nodes)")
-    p.add_argument("-p", "--procs-per-node", type=whole_number(1), help="processes on each node (default: default_procs_per_node)")
-    p.add_argument("-c", "--cpus-per-proc", type=whole_number(1), help="CPUs each process needs (default: default_cpus_per_proc)")
-    p.add_argument("--mem", type=converted(units.parse_mem), help="memory per node: 512M, 4G, ... (a bare number is MiB)")
-    p.add_argument("-t", "--time", type=converted(units.parse_time_limit),
-                   help=f"time limit: {units.TIME_FORMS}; a bare number is minutes")
+    p = Parser(prog="cmrun", command=True, usage="cmrun [options] [--] COMMAND [ARGS...]",
+               description="Submit a job: NODES nodes, PROCS_PER_NODE processes on each.",
+               epilog="cmrun's options end at the command, or at `--`; everything after is the command's own "
+                      "(cmrun -n 2 -- python3 train.py --debug).")
+    settings = dict(DEFAULTS)
+    for flags, kwargs in (
+            (("-n", "--nodes"), dict(type=whole_number(1), help="distinct nodes the job needs")),
+            (("-p", "--procs-per-node"), dict(type=whole_number(1), help="processes on each node")),
+            (("-c", "--cpus-per-proc"), dict(type=whole_number(1), help="CPUs each process needs")),
+            (("--mem",), dict(type=converted(units.parse_mem), help="memory per node: 512M, 4G, ... (a bare number is MiB)")),
+            (("-t", "--time"), dict(type=converted(units.parse_time_limit),
+                                    help=f"time limit: {units.TIME_FORMS}; a bare number is minutes")),
+            (("--retries",), dict(type=whole_number(0), help="times to requeue the job if a node running it is lost"))):
+        action = p.add_argument(*flags, **kwargs)
+        configured(action, settings[action.dest])
     p.add_argument("-J", "--name", help="job name (default: the command's name)")
     p.add_argument("-D", "--chdir", help="working directory of the tasks, where cmlogs/ goes (default: here)")
-    p.add_argument("--retries", type=whole_number(0), help="times to requeue the job if a node running it is lost")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its exit code")
-    p.add_argument("command", nargs="...", help="the command and its arguments")
     return p
 
 
-def job_request(args):
+def job_request(args, settings):
     if not args.command:
         raise UsageError("no command given")
     if args.name is not None and not (0 < len(args.name) <= 256):
@@ -37,13 +52,15 @@ def job_request(args):
     workdir = os.path.abspath(args.chdir or os.getcwd())
     if not os.path.isdir(workdir):
         raise UsageError(f"-D/--chdir: {workdir} is not a directory")
+    for dest, setting in DEFAULTS:
+        if getattr(args, dest) is None:
+            setattr(args, dest, getattr(settings, setting))
     fields = {"argv": args.command, "workdir": workdir,
-              "env": [f"{k}={v}" for k, v in os.environ.items()]}
-    for field, value in (("nodes", args.nodes), ("procs_per_node", args.procs_per_node),
-                         ("cpus_per_proc", args.cpus_per_proc), ("mem_mb", args.mem),
-                         ("time_limit", args.time), ("name", args.name), ("retries", args.retries)):
-        if value is not None:
-            fields[field] = value
+              "env": [f"{k}={v}" for k, v in os.environ.items()],
+              "nodes": args.nodes, "procs_per_node": args.procs_per_node, "cpus_per_proc": args.cpus_per_proc,
+              "mem_mb": args.mem, "time_limit": args.time, "retries": args.retries}
+    if args.name is not None:
+        fields["name"] = args.name
     if args.wait:
         fields["wait"] = True
     return fields
@@ -58,10 +75,9 @@ def exit_status(job):
     return 0 if job["state"] == JobState.COMPLETED else Exit.ERROR
 
 
-def main(argv):
-    args = parser().parse_args(argv)
-    fields = job_request(args)
+def main(args):
     settings = config.load()
+    fields = job_request(args, settings)
     conn, reply = open_request(settings, Op.SUBMIT, **fields)
     try:
         job_id = reply["job_id"]
@@ -86,4 +102,4 @@ def main(argv):
 
 
 def cli():
-    run("cmrun", main)
+    run("cmrun", main, parser)

@@ -20,13 +20,11 @@ def parser():
     a.add_argument("uid", type=whole_number(1))
     a.add_argument("gid", type=whole_number(1))
     for action in (s, a):
-        action.error = p.error
         action.add_argument("--file", default=DEFAULT_FILE, help="the users file (default: %(default)s)")
     return p
 
 
-def main(argv):
-    args = parser().parse_args(argv)
+def main(args):
     try:
         if args.action == "sync":
             for name in sync(args.file):
@@ -39,4 +37,4 @@ def main(argv):
 
 
 def cli():
-    run("cmusers", main)
+    run("cmusers", main, parser)

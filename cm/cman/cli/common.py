@@ -1,7 +1,8 @@
 """What every command shares: argument parsing that fails in one line, and
 one error funnel that turns any failure into "prog: error: message" on
 stderr and an exit status (0 ok, 1 error, 2 usage, 3 head unreachable).
-Tracebacks appear only with --debug.
+Tracebacks appear only with --debug, which is cm's own option only where
+the parser says an option may stand: never inside a job's command.
 """
 import argparse
 import sys
@@ -16,10 +17,89 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are a UsageError, not a usage dump and exit."""
+    """argparse with cm's conventions: errors are a UsageError (one line, not
+    a usage dump), every command takes --debug, options are never abbreviated
+    (so that where cm's options end is exact), and a command that runs a
+    program (command=True) takes it after its options or after `--`."""
+
+    def __init__(self, *args, command=False, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.takes_command = command
+        # SUPPRESS: a subcommand's parser does not reset what the main one read.
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the traceback of an internal error")
 
     def error(self, message):
         raise UsageError(message)
+
+    def parse(self, argv):
+        """The namespace of argv; with command=True, args.command holds the program and its arguments."""
+        if not self.takes_command:
+            return self.parse_args(argv)
+        options, command = self.split_command(argv)
+        args = self.parse_args(options)
+        args.command = command
+        return args
+
+    def split_command(self, argv):
+        """(cm's options, the command). The command starts at the first word
+        that is neither an option nor an option's value, or right after `--`,
+        which belongs to neither: everything from there on is the command's
+        own, `--` and `--debug` included."""
+        i = 0
+        while i < len(argv):
+            word = argv[i]
+            if word == "--":
+                return argv[:i], argv[i + 1:]
+            if not word.startswith("-") or word == "-":
+                return argv[:i], argv[i:]
+            i += 2 if self._value_follows(word) else 1
+        return argv, []
+
+    def _value_follows(self, word):
+        """Whether option word takes its value from the next word (--opt VALUE, -o VALUE)."""
+        if word.startswith("--"):
+            action = self._option_string_actions.get(word)
+            return action is not None and action.nargs != 0
+        for position in range(1, len(word)):             # -o, -oVALUE, or bundled flags -ab
+            action = self._option_string_actions.get("-" + word[position])
+            if action is None:
+                return False                             # argparse names the unknown option
+            if action.nargs != 0:
+                return position == len(word) - 1         # else the rest of the word is the value
+        return False
+
+    def format_help(self):
+        for action in self._actions:
+            setting = getattr(action, "setting", None)
+            if setting and not getattr(action, "described", False):
+                action.help = f"{action.help} (default: {configured_default(setting)})"
+                action.described = True
+        return super().format_help()
+
+
+def configured(action, setting):
+    """Mark an option whose default is the setting; --help says the value in force and where it is set."""
+    action.setting = setting
+    return action
+
+
+def configured_default(setting):
+    """'1, from cm.conf': a setting's value as the command will use it, and its origin."""
+    from .. import config, units
+    try:
+        settings = config.load()
+    except ConfigError as e:
+        return f"the setting {setting}, which cannot be read: {e}"
+    value = getattr(settings, setting)
+    if setting == "default_time":
+        shown = units.format_time_limit(value) if value else "unlimited"
+    elif setting == "default_mem":
+        shown = units.format_mem(value) if value else "none"
+    else:
+        shown = str(value)
+    return f"{shown}, from {settings.origin(setting)}"
 
 
 def whole_number(minimum):
@@ -48,12 +128,15 @@ def error(prog, message):
     print(f"{prog}: error: {message}", file=sys.stderr)
 
 
-def run(prog, main, argv=None):
-    """Call main(argv) and exit with its status; every failure becomes one line."""
+def run(prog, main, parser, argv=None):
+    """Parse argv with parser(), call main(args) and exit with its status;
+    every failure becomes one line."""
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    debug = False
     try:
-        status = main([a for a in argv if a != "--debug"])
+        args = parser().parse(argv)
+        debug = getattr(args, "debug", False)
+        status = main(args)
     except UsageError as e:
         error(prog, f"{e} (see {prog} --help)")
         status = Exit.USAGE
