@@ -8,6 +8,10 @@
 # which belong to /usr/bin/python3; another python3 first on PATH may lack
 # them, so the interpreter is named explicitly.
 PYTHON      := /usr/bin/python3
+# What `make` runs on the host uses the standard library only (-I -S: no
+# site-packages), so a fresh machine needs no Python packages for it: cm's
+# own programs run inside the images.
+HOST_PYTHON := $(PYTHON) -I -S
 GO          ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 NODES       ?= 3
 PROJECT     ?= cm
@@ -21,8 +25,11 @@ CLUSTER_DIR ?= /tmp/cmcluster-$(shell id -u)
 USER        ?= $(shell id -un)
 # `docker compose` (the plugin) where it exists, else docker-compose.
 COMPOSE_BIN := $(shell if docker compose version >/dev/null 2>&1; then echo "docker compose"; else echo docker-compose; fi)
+# The compute services compute1 ... computeN, written by `make` (scripts/cluster compose-nodes);
+# kept in the drive, so that `make down` and `make logs` act on the nodes the last `make` started.
+NODES_FILE   = $(CM_DRIVE)/etc/compose-nodes.yml
 COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) \
-               $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml \
+               $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml -f $(NODES_FILE) \
                $(if $(PUBLISH),-f $(CURDIR)/docker-compose.publish.yml)
 FERRETDB    := .build/cm-ferretdb
 DEBS        := python3-zmq python3-pymongo python3-mongoengine python3-psutil \
@@ -33,47 +40,70 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DB_KIND      = $(eval DB_KIND := $(shell DB=$(DB) MONGO_IMAGE=$(MONGO_IMAGE) scripts/choose-db))$(DB_KIND)
 DB_IMAGE     = $(if $(filter mongo,$(DB_KIND)),$(MONGO_IMAGE),cm-ferretdb:latest)
 
-.PHONY: all up images exec-head down clean logs test unit deps ferretdb local local-down bench help
+.PHONY: all up images keys host-tools exec-head down clean logs test unit deps ferretdb local local-down bench help
 
 all: up ## Start the container cluster (NODES compute nodes, default 3) and show it
 
-up: images ## The same as `make`
-	@mkdir -p $(CM_DRIVE)/home $(CM_DRIVE)/etc $(CM_DRIVE)/db/$(DB_KIND)
-	@touch $(CM_DRIVE)/etc/users
-	@$(PYTHON) cm/bin/cmkeys $(CM_DRIVE)/etc/keys
-	$(COMPOSE) up -d --scale compute=$(NODES)
-	@$(PYTHON) scripts/cluster wait-nodes -- $(COMPOSE)
+up: images keys ## The same as `make`
+	@mkdir -p $(CM_DRIVE)/home $(CM_DRIVE)/db/$(DB_KIND)
+	@test -e $(CM_DRIVE)/etc/users || printf '%s\n' \
+	  '# The cluster'"'"'s users, one "name:uid:gid" a line, created identically on every' \
+	  '# node when it starts. `make exec-head` adds you if you are missing.' > $(CM_DRIVE)/etc/users
+	@$(HOST_PYTHON) scripts/cluster compose-nodes --nodes $(NODES) --out $(NODES_FILE)
+	$(COMPOSE) up -d --remove-orphans
+	@$(HOST_PYTHON) scripts/cluster wait-nodes --nodes $(NODES) -- $(COMPOSE)
 	@$(COMPOSE) exec -T head cminfo
 
-images: $(if $(filter ferretdb,$(DB_KIND)),ferretdb-image) ## Build the images that are missing or out of date
+# The cluster's CURVE keys, made once, by cmkeys inside the head's image (it needs pyzmq,
+# which the host may lack), as the user who runs make.
+keys: images
+	@mkdir -p $(CM_DRIVE)/etc
+	@test -e $(CM_DRIVE)/etc/keys/head.key_secret || { \
+	  docker run --rm --user $$(id -u):$$(id -g) -v $(CM_DRIVE)/etc:/drive-etc --entrypoint /opt/cm/bin/cmkeys \
+	    cm-head:latest /drive-etc/keys >/dev/null && echo "made the cluster's keys in $(CM_DRIVE)/etc/keys"; }
+
+# What the host needs for the container cluster: Docker with Compose, and Python 3 for scripts/
+# (the standard library only). Python is installed where it is missing; Docker cannot be.
+host-tools:
+	@command -v docker >/dev/null 2>&1 || { echo "make: this needs Docker with Compose (docker.io and docker-compose, or Docker's docker-ce with the compose plugin)" >&2; exit 1; }
+	@$(COMPOSE_BIN) version >/dev/null 2>&1 || { echo "make: this needs Docker Compose: the docker compose plugin, or docker-compose (apt-get install docker-compose)" >&2; exit 1; }
+	@test -x $(PYTHON) || { echo "installing python3"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null; }
+
+# Written when missing, for the targets other than up (up writes it for NODES every time).
+$(NODES_FILE): | host-tools
+	@mkdir -p $(CM_DRIVE)/etc
+	@$(HOST_PYTHON) scripts/cluster compose-nodes --nodes $(NODES) --out $(NODES_FILE)
+
+images: host-tools $(if $(filter ferretdb,$(DB_KIND)),ferretdb-image) ## Build the images that are missing or out of date
 	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
-	@docker build -q -t cm-head:latest -f headnode/Dockerfile . >/dev/null
-	@docker build -q -t cm-compute:latest -f computenode/Dockerfile . >/dev/null
+	@scripts/build-image -t cm-head:latest -f headnode/Dockerfile .
+	@scripts/build-image -t cm-compute:latest -f computenode/Dockerfile .
 
 ferretdb-image: $(FERRETDB)
 	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
-	@docker build -q -t cm-ferretdb:latest -f ferretdb/Dockerfile .build >/dev/null
+	@scripts/build-image -t cm-ferretdb:latest -f ferretdb/Dockerfile .build
 
 # CMD reaches the shell through the environment, unexpanded by make ($ and quotes survive).
 exec-head: override export CMD := $(value CMD)
-exec-head: ## A shell on the head as $USER in /home/$USER; CMD='...' runs that command instead
-	@$(PYTHON) scripts/cluster add-user --file $(CM_DRIVE)/etc/users --user $(USER) -- $(COMPOSE)
+exec-head: | $(NODES_FILE) ## A shell on the head as $USER in /home/$USER; CMD='...' runs that command instead
+	@$(HOST_PYTHON) scripts/cluster add-user --file $(CM_DRIVE)/etc/users --user $(USER) -- $(COMPOSE)
 	@if [ -n "$$CMD" ]; then \
 	  $(COMPOSE) exec -T -u $(USER) -w /home/$(USER) head bash -l -c "$$CMD"; \
 	else \
 	  $(COMPOSE) exec -u $(USER) -w /home/$(USER) head bash -l; \
 	fi
 
-down: ## Stop the cluster; its containers, jobs and nodes stay for the next `make`
+down: | $(NODES_FILE) ## Stop the cluster; its containers, jobs and nodes stay for the next `make`
 	$(COMPOSE) stop
 
-clean: ## Remove the containers, the project's images and the database's data
+clean: | $(NODES_FILE) ## Remove the containers, the project's images and the database's data
 	-$(COMPOSE) down --remove-orphans --volumes
 	-docker image rm cm-head:latest cm-compute:latest cm-ferretdb:latest cm-base:latest 2>/dev/null
 	-docker image prune -f --filter label=org.cm.image=true >/dev/null
 	rm -rf $(CM_DRIVE)/db/mongo $(CM_DRIVE)/db/ferretdb
 
-logs: ## The daemons' recent logs
+logs: | $(NODES_FILE) ## The daemons' recent logs
 	$(COMPOSE) logs --tail=100
 
 test: deps ferretdb ## Run every test (installs what is missing first)
@@ -81,7 +111,7 @@ test: deps ferretdb ## Run every test (installs what is missing first)
 
 unit: ## Only the tests that need no cluster
 	$(PYTHON) -m pytest -p no:cacheprovider -q tests/test_units.py tests/test_placement.py \
-	  tests/test_jobs.py tests/test_messages.py tests/test_config.py tests/test_users.py
+	  tests/test_jobs.py tests/test_messages.py tests/test_config.py tests/test_users.py tests/test_cli.py
 
 bench: deps ferretdb ## cm against Slurm on this machine (QUICK=1: a few minutes; CM_ONLY=1: without Slurm)
 	@$(if $(CM_ONLY),,dpkg -s slurm-wlm munge >/dev/null 2>&1 || { echo "installing slurm-wlm munge"; \
@@ -95,7 +125,7 @@ local: deps ferretdb ## A cluster of local processes instead of containers (cmcl
 	@echo "Use it from this shell:"
 	@echo "  export PATH=$(CURDIR)/cm/bin:\$$PATH CM_SOCKET=$(CLUSTER_DIR)/cm.sock"
 
-local-down: ## Stop the local-process cluster
+local-down: | $(NODES_FILE) ## Stop the local-process cluster
 	$(PYTHON) cm/bin/cmcluster down --dir $(CLUSTER_DIR)
 
 deps: ## Install the Debian packages cm needs, if any is missing
@@ -111,6 +141,7 @@ ferretdb: $(FERRETDB) ## Build the MongoDB-wire server used by local clusters, t
 
 # Static (no cgo), so the same binary runs on the host and in the image.
 $(FERRETDB): ferretdb/main.go ferretdb/go.mod ferretdb/go.sum
+	@command -v $(GO) >/dev/null 2>&1 || { echo "make: building FerretDB needs Go 1.24 or later (GO=/path/to/go), or DB=mongo where the mongo image can be pulled" >&2; exit 1; }
 	cd ferretdb && CGO_ENABLED=0 $(GO) build -trimpath -o ../$(FERRETDB) .
 
 help: ## List the targets

@@ -42,7 +42,7 @@ class ContainerCluster(JobViews):
 
     def up(self):
         # The head's port is published on loopback, for compute daemons outside the containers.
-        self.port = free_port()
+        self.port = getattr(self, "port", None) or free_port()
         proc = self.make("up", PUBLISH=f"127.0.0.1:{self.port}")
         assert proc.returncode == 0, f"make up failed:\n{proc.stdout}\n{proc.stderr}"
 
@@ -67,7 +67,9 @@ class ContainerCluster(JobViews):
         return self.containers("head")[0]
 
     def computes(self):
-        return sorted(self.containers("compute"), key=lambda c: c.name)
+        """The compute containers, compute1 first."""
+        containers = [c for c in self.containers() if c.labels["com.docker.compose.service"].startswith("compute")]
+        return sorted(containers, key=lambda c: int(c.labels["com.docker.compose.service"].removeprefix("compute")))
 
     def run(self, command, user=USER):
         """A shell command on the head, as a user in their home; returns (exit code, output)."""
@@ -115,17 +117,30 @@ def _mark_failed(request):
         request.getfixturevalue("cc").failed = True
 
 
-def test_the_cluster_comes_up_with_three_compute_nodes(cc):
+def test_the_cluster_comes_up_with_three_compute_nodes_named_compute1_to_3(cc):
     nodes = cc.info("--nodes")["nodes"]
-    hostnames = {c.attrs["Config"]["Hostname"] for c in cc.computes()}
-    assert len(hostnames) == 3
-    assert {n["name"] for n in nodes if n["state"] == "UP"} == hostnames
+    assert [n["name"] for n in nodes if n["state"] == "UP"] == ["compute1", "compute2", "compute3"]
+    assert [c.attrs["Config"]["Hostname"] for c in cc.computes()] == ["compute1", "compute2", "compute3"]
     assert all(n["cpus"] >= 1 for n in nodes)
+    # The names resolve on the cluster network, for programs that connect rank to rank.
+    assert cc.ok("getent hosts compute2").split()[1] == "compute2"
+
+
+def test_the_readmes_first_job_runs_through_make_exec_head(cc):
+    # As the README has it, by whoever runs make here (root on a test machine).
+    proc = cc.make("--no-print-directory", "exec-head", USER="root", CMD='cmrun -n 3 -p 2 --wait -- sh -c "echo \\$CM_RANK \\$(hostname)"')
+    assert proc.returncode == 0, proc.stderr
+    job_id = int(proc.stdout.strip().splitlines()[-1])
+    lines = []
+    for rank in range(6):
+        with open(os.path.join(cc.drive, "home", "root", "cmlogs", str(job_id), f"{rank}.out")) as f:
+            lines.append(f.read())
+    assert lines == [f"{rank} compute{rank // 2 + 1}\n" for rank in range(6)]
 
 
 def test_a_users_job_writes_its_logs_on_the_shared_home_owned_by_the_user(cc):
     cc.ok("printf '#!/bin/sh\\necho \"$CM_RANK $(hostname) $(id -un)\"\\n' > ranks.sh && chmod +x ranks.sh")
-    out = cc.ok("cmrun -n 3 -p 2 --wait ./ranks.sh")
+    out = cc.ok("cmrun -n 3 -p 2 --wait -- ./ranks.sh")
     job_id = int(out.strip())
     logs = cc.home("cmlogs", str(job_id))
     outs = sorted(f for f in os.listdir(logs) if f.endswith(".out"))
@@ -138,7 +153,7 @@ def test_a_users_job_writes_its_logs_on_the_shared_home_owned_by_the_user(cc):
             got_rank, host, user = f.read().split()
         assert (int(got_rank), user) == (rank, USER)
         hosts.add(host)
-    assert hosts == {c.attrs["Config"]["Hostname"] for c in cc.computes()}
+    assert hosts == {"compute1", "compute2", "compute3"}
     assert os.stat(cc.home("cmlogs")).st_uid == UID
 
 
@@ -229,3 +244,14 @@ def test_a_killed_compute_container_marks_its_node_down_and_its_jobs_fail_or_req
     assert again["node_list"] != [node]
     cc.ok(f"cmkill {retried}")
     cc.wait_state(retried, "CANCELLED")
+
+
+def test_make_down_and_make_again_keep_the_node_names_and_the_jobs(cc):
+    before = int(cc.ok("cmrun --wait true").strip())
+    proc = cc.make("down")
+    assert proc.returncode == 0, proc.stderr
+    assert not any(c.status == "running" for c in cc.containers())
+    cc.up()
+    states = {name: state for name, state in cc.node_states().items() if name.startswith("compute")}
+    assert states == {"compute1": "UP", "compute2": "UP", "compute3": "UP"}
+    assert cc.job(before)["state"] == "COMPLETED"
