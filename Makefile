@@ -84,14 +84,17 @@ ferretdb-image: $(FERRETDB)
 	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
 	@scripts/build-image -t cm-ferretdb:latest -f ferretdb/Dockerfile .build
 
+# As the user, at home on the shared /home (root's too: /root is not shared), with the
+# variables a login sets (docker exec sets none of them).
+EXEC_AS = -u $(USER) -w /home/$(USER) -e HOME=/home/$(USER) -e USER=$(USER) -e LOGNAME=$(USER)
 # CMD reaches the shell through the environment, unexpanded by make ($ and quotes survive).
 exec-head: override export CMD := $(value CMD)
 exec-head: | $(NODES_FILE) ## A shell on the head as $USER in /home/$USER; CMD='...' runs that command instead
-	@$(HOST_PYTHON) scripts/cluster add-user --file $(CM_DRIVE)/etc/users --user $(USER) -- $(COMPOSE)
+	@$(HOST_PYTHON) scripts/cluster add-user --user $(USER) -- $(COMPOSE)
 	@if [ -n "$$CMD" ]; then \
-	  $(COMPOSE) exec -T -u $(USER) -w /home/$(USER) head bash -l -c "$$CMD"; \
+	  $(COMPOSE) exec -T $(EXEC_AS) head bash -l -c "$$CMD"; \
 	else \
-	  $(COMPOSE) exec -u $(USER) -w /home/$(USER) head bash -l; \
+	  $(COMPOSE) exec $(EXEC_AS) head bash -l; \
 	fi
 
 down: | $(NODES_FILE) ## Stop the cluster; its containers, jobs and nodes stay for the next `make`
@@ -103,8 +106,8 @@ clean: | $(NODES_FILE) ## Remove the containers, the project's images and the da
 	-docker image prune -f --filter label=org.cm.image=true >/dev/null
 	rm -rf $(CM_DRIVE)/db/mongo $(CM_DRIVE)/db/ferretdb
 
-logs: | $(NODES_FILE) ## The daemons' recent logs
-	$(COMPOSE) logs --tail=100
+logs: | $(NODES_FILE) ## The daemons' recent logs (the database's: make logs SERVICE=db)
+	@$(COMPOSE) logs --no-color --tail=100 $(or $(SERVICE),head $(shell sed -n 's/^ *"\(compute[0-9]*\)": {/\1/p' $(NODES_FILE)))
 
 test: deps ferretdb ## Run every test (installs what is missing first)
 	$(PYTHON) -m pytest -p no:cacheprovider --timeout 900 -q tests
@@ -145,4 +148,7 @@ $(FERRETDB): ferretdb/main.go ferretdb/go.mod ferretdb/go.sum
 	cd ferretdb && CGO_ENABLED=0 $(GO) build -trimpath -o ../$(FERRETDB) .
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/^all:/:/' | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "Variables: NODES=3 (compute nodes), DB=auto|mongo|ferretdb, USER=you (exec-head),"
+	@echo "  CMD='...' (exec-head), PUBLISH=ADDR:PORT (the head's port for outside nodes),"
+	@echo "  PROJECT=cm and CM_DRIVE=./drive (a second, separate cluster)"

@@ -37,9 +37,9 @@ def test_cmrun_usage_errors(cluster, args, message):
 
 @pytest.mark.parametrize("args, message", [
     (["-n", "4", "true"], "job refused: it asks for 4 nodes and the cluster has 3"),
-    (["-p", "3", "true"], "job refused: it asks for 3 CPUs per node (3 processes x 1 CPUs) and the largest node has 2"),
+    (["-p", "3", "true"], "job refused: it asks for 3 CPUs per node (3 processes x 1 CPU) and the largest node has 2"),
     (["-c", "2", "-p", "2", "true"], "largest node has 2"),
-    (["--mem", "5G", "true"], "it asks for 5120M of memory per node and the largest node has 4096M"),
+    (["--mem", "5G", "true"], "it asks for 5.0G of memory per node and the largest node has 4.0G"),
 ])
 def test_requests_that_can_never_fit_are_refused_at_submission(cluster, args, message):
     proc = cluster.cm("cmrun", *args)
@@ -70,7 +70,8 @@ def test_other_usage_errors(cluster, cmd, message):
 def test_unknown_job_in_cminfo(cluster):
     proc = cluster.cm("cminfo", "-j", "424242")
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "cminfo: error: no such job: 424242"
+    assert proc.stderr.strip() == "cminfo: error: job 424242: no such job"
+    assert proc.stdout == ""
 
 
 def test_bad_settings_are_named(cluster):

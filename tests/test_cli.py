@@ -39,7 +39,7 @@ def test_help_says_each_default_in_force_and_where_it_is_set(tmp_path):
     out = cmrun("--help").stdout
     assert "(default: 1, from cm.conf)" in out
     assert "default_nodes" not in out
-    assert "memory per node: 512M, 4G, ... (a bare number is MiB) (default: none, from cm.conf)" in out
+    assert "(a bare number is MiB; none: the job is placed by CPUs alone) (default: none, from cm.conf)" in out
     assert "(default: unlimited, from cm.conf)" in out
     site = tmp_path / "site.conf"
     site.write_text("default_procs_per_node = 4\ndefault_time = 1:00:00\n")

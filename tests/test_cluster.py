@@ -91,7 +91,7 @@ def test_wait_exits_with_the_jobs_exit_code(cluster, workdir):
     assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0
     failed = cluster.cm("cmrun", "--wait", "sh", "-c", "exit 7", cwd=workdir)
     assert failed.returncode == 7
-    assert "ended FAILED" in failed.stderr
+    assert "ended FAILED, exit code 7" in failed.stderr
     killed = cluster.cm("cmrun", "--wait", "sh", "-c", "kill -9 $$", cwd=workdir)
     assert killed.returncode == 128 + 9
     job = cluster.job(int(killed.stdout))

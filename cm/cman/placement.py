@@ -12,6 +12,8 @@ fit), keeping whole nodes free for wide jobs.
 import heapq
 import re
 
+from . import units
+from .units import plural
 from .vocab import PendingReason
 
 
@@ -77,13 +79,14 @@ def never_fits(job, capacity):
         return f"it asks for {job.nodes} nodes and the cluster has {len(capacity)}"
     most_cpus = max(cpus for cpus, _ in capacity.values())
     if need_cpus > most_cpus:
-        return (f"it asks for {need_cpus} CPUs per node ({job.procs_per_node} processes x "
-                f"{job.cpus_per_proc} CPUs) and the largest node has {most_cpus}")
+        return (f"it asks for {need_cpus} CPUs per node ({plural(job.procs_per_node, 'process', 'processes')} x "
+                f"{plural(job.cpus_per_proc, 'CPU')}) and the largest node has {most_cpus}")
     most_mem = max(mem for _, mem in capacity.values())
     if job.mem_mb > most_mem:
-        return f"it asks for {job.mem_mb}M of memory per node and the largest node has {most_mem}M"
+        return (f"it asks for {units.format_mem(job.mem_mb)} of memory per node and the largest node has "
+                f"{units.format_mem(most_mem)}")
     big_enough = sum(1 for cpus, mem in capacity.values() if cpus >= need_cpus and mem >= job.mem_mb)
     if big_enough < job.nodes:
-        return (f"it asks for {job.nodes} nodes with {need_cpus} CPUs and {job.mem_mb}M each "
+        return (f"it asks for {job.nodes} nodes with {need_cpus} CPUs and {units.format_mem(job.mem_mb)} each "
                 f"and only {big_enough} nodes are that large")
     return None

@@ -98,3 +98,8 @@ def format_mem(mb):
     if mb < 1024 * 1024:
         return f"{mb / 1024:.1f}G"
     return f"{mb / 1024 / 1024:.1f}T"
+
+
+def plural(count, word, words=None):
+    """'1 CPU', '3 CPUs'."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"

@@ -32,7 +32,9 @@ def parser():
             (("-n", "--nodes"), dict(type=whole_number(1), help="distinct nodes the job needs")),
             (("-p", "--procs-per-node"), dict(type=whole_number(1), help="processes on each node")),
             (("-c", "--cpus-per-proc"), dict(type=whole_number(1), help="CPUs each process needs")),
-            (("--mem",), dict(type=converted(units.parse_mem), help="memory per node: 512M, 4G, ... (a bare number is MiB)")),
+            (("--mem",), dict(type=converted(units.parse_mem),
+                              help="memory reserved on each node: 512M, 4G, ... (a bare number is MiB; none: "
+                                   "the job is placed by CPUs alone)")),
             (("-t", "--time"), dict(type=converted(units.parse_time_limit),
                                     help=f"time limit: {units.TIME_FORMS}; a bare number is minutes")),
             (("--retries",), dict(type=whole_number(0), help="times to requeue the job if a node running it is lost"))):
@@ -97,7 +99,9 @@ def main(args):
         conn.close()
     if job["state"] != JobState.COMPLETED:
         reason = f": {job['reason']}" if job.get("reason") else ""
-        print(f"cmrun: job {job_id} ended {job['state']}{reason}", file=sys.stderr)
+        code = f", exit code {job['exit_code']}" if job["exit_code"] else ""
+        code += f", signal {job['exit_signal']}" if job["exit_signal"] else ""
+        print(f"cmrun: job {job_id} ended {job['state']}{code}{reason}", file=sys.stderr)
     return exit_status(job)
 
 
