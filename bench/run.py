@@ -66,14 +66,15 @@ def wait_for(predicate, timeout, what):
 class Cm:
     name = "cm"
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, nodes=NODES, cpus=CPUS):
         self.dir = tempfile.mkdtemp(prefix="cmb-")
         self.work = workdir
+        self.nodes, self.cpus = nodes, cpus
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
         self.env["PATH"] = BIN + os.pathsep + self.env["PATH"]
 
     def start(self):
-        out = subprocess.run([os.path.join(BIN, "cmcluster"), "up", "--nodes", str(NODES), "--cpus", str(CPUS),
+        out = subprocess.run([os.path.join(BIN, "cmcluster"), "up", "--nodes", str(self.nodes), "--cpus", str(self.cpus),
                               "--dir", self.dir], env=self.env, capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
             name, _, value = line.removeprefix("export ").partition("=")
@@ -121,6 +122,36 @@ class Cm:
 
     def daemons(self):
         return {"controller": self.process("head")["pid"], "node daemon": self.process("node1")["pid"]}
+
+    def head_rss(self):
+        return psutil.Process(self.process("head")["pid"]).memory_info().rss / 2**20
+
+    def restart_head(self, between=None):
+        """Stop the head, do between() (to its database), start it; seconds until it answers again."""
+        subprocess.run(self.cmd("cmcluster", "stop", "head", "--dir", self.dir), env=self.env, check=True,
+                       capture_output=True)
+        if between is not None:
+            between()
+        start = time.monotonic()
+        subprocess.run(self.cmd("cmcluster", "start", "head", "--dir", self.dir), env=self.env, check=True,
+                       capture_output=True)
+        return wait_for(lambda: subprocess.run(self.cmd("cminfo", "--nodes"), env=self.env,
+                                               capture_output=True).returncode == 0, 120, "the head") - start
+
+    def fill_history(self, count):
+        """As if count jobs had run and ended: appended to the history, the next id after them."""
+        from cman.store import Store
+        store = Store(self.env["CM_DATABASE_URL"])
+        state = store.load()
+        ended = {"name": "true", "user": "bench", "uid": os.getuid(), "gid": os.getgid(), "argv": ["true"],
+                 "workdir": self.work, "nodes": 1, "procs_per_node": 1, "cpus_per_proc": 1, "mem_mb": 0,
+                 "time_limit": 0, "retries": 0, "submit_time": time.time(), "start_time": time.time(),
+                 "end_time": time.time(), "state": "COMPLETED", "reason": "", "exit_code": 0, "exit_signal": None,
+                 "node_list": ["node1"], "attempt": 0, "ended_ranks": [0], "request_id": None}
+        first = state["next_job_id"]
+        for chunk in range(first, first + count, 5000):
+            store.add_history([dict(ended, id=i) for i in range(chunk, min(first + count, chunk + 5000))])
+        store.compact(state["gen"] + 1, state["jobs"], first + count, old_gen=state["gen"])
 
 
 class SlurmSide:
@@ -303,6 +334,79 @@ def scale(node_counts, jobs, seconds, report):
             cm.stop()
 
 
+def history_costs(sizes, slurm_factory, report):
+    """cm only, but for Slurm's scancel of 1,000: what submitting, running, cancelling and a
+    head restart cost with 0, 5,000 and 20,000 ended jobs in the history (2 nodes x 50 CPUs)."""
+    work = tempfile.mkdtemp(prefix="cmh-")
+    os.chmod(work, 0o755)
+    for size in sizes:
+        cm = Cm(work, nodes=2, cpus=50)
+        cm.start()
+        try:
+            restart = cm.restart_head(lambda: cm.fill_history(size) if size else None)
+            report(f"head restart, {size} jobs in history", "s", "lower", {"cm": [restart]},
+                   "within 1.2x of history 0")
+            report(f"head RSS after that restart, {size} jobs in history", "MB", "lower", {"cm": [cm.head_rss()]},
+                   None)
+            samples = [timed(cm.submit("true"), cm.env, work)[0] * 1000 for _ in range(20)]
+            report(f"submit latency, {size} jobs in history", "ms", "lower", {"cm": samples},
+                   "within 1.2x of history 0")
+            wait_for(lambda: cm.active() == 0, 120, "cm to drain")
+            start = time.monotonic()
+            loops = [subprocess.Popen(["sh", "-c", f'for i in $(seq 50); do "{BIN}/cmrun" true >/dev/null || exit 1; done'],
+                                      env=cm.env, cwd=work) for _ in range(4)]
+            assert all(loop.wait() == 0 for loop in loops), "a shell loop of cmrun failed"
+            done = wait_for(lambda: cm.active() == 0, 600, "200 jobs to finish")
+            report(f"200 jobs from 4 shell loops, end to end, {size} jobs in history", "jobs/s", "higher",
+                   {"cm": [200 / (done - start)]}, "within 1.2x of history 0")
+            for count in (200, 1000):
+                blocker = cm.job_id(timed(cm.cmd("cmrun", "-n", "2", "-p", "50", "sleep", "600"), cm.env, work)[1])
+                ids = [client.request(cm.settings, "submit", argv=["true"], workdir=work, env=[])["job_id"]
+                       for _ in range(count)]
+                took = timed(cm.cancel(ids), cm.env, work)[0] * 1000
+                timed(cm.cancel([blocker]), cm.env, work)
+                wait_for(lambda: cm.active() == 0, 120, "cm to drain")
+                report(f"cancel of {count} pending jobs (one command), {size} jobs in history", "ms", "lower",
+                       {"cm": [took]}, "within 1.2x of history 0" if count == 200 else "cm <= scancel of 1000")
+        finally:
+            cm.stop()
+    if slurm_factory is not None:
+        slurm = slurm_factory(work)
+        slurm.start()
+        try:
+            blocker = slurm.job_id(timed(slurm.blocker(), slurm.env, work)[1])
+            ids = [slurm.job_id(timed(slurm.submit("true"), slurm.env, work)[1]) for _ in range(1000)]
+            took = timed(slurm.cancel(ids), slurm.env, work)[0] * 1000
+            timed(slurm.cancel([blocker]), slurm.env, work)
+            report("cancel of 1000 pending jobs (one command), 0 jobs in history", "ms", "lower",
+                   {"slurm": [took]}, "cm <= scancel of 1000")
+        finally:
+            slurm.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def memory_after_many(count, report):
+    """cm only: the head's RSS idle, and after count jobs have run through it (2 nodes x 50 CPUs)."""
+    work = tempfile.mkdtemp(prefix="cmm-")
+    os.chmod(work, 0o755)
+    cm = Cm(work, nodes=2, cpus=50)
+    cm.start()
+    try:
+        idle = cm.head_rss()
+        submitted = 0
+        while submitted < count:
+            wait_for(lambda: cm.active() < 200, 600, "the queue to shorten")
+            for _ in range(min(100, count - submitted)):
+                client.request(cm.settings, "submit", argv=["true"], workdir=work, env=[f"HOME={work}"])
+                submitted += 1
+        wait_for(lambda: cm.active() == 0, 600, f"{count} jobs to finish")
+        report("head RSS, idle (2 nodes x 50 CPUs)", "MB", "lower", {"cm": [idle]}, None)
+        report(f"head RSS after {count} jobs", "MB", "lower", {"cm": [cm.head_rss()]}, "<= 1.5x idle")
+    finally:
+        cm.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- report
 
 class Report:
@@ -351,7 +455,18 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer runs and jobs: a few minutes")
     p.add_argument("--cm-only", action="store_true", help="measure cm alone, without Slurm")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="where the JSON goes")
+    p.add_argument("--only", choices=("history", "memory"),
+                   help="only this scenario: history (costs as the history grows), memory (after many jobs)")
     args = p.parse_args()
+    if args.only:
+        report = Report()
+        if args.only == "history":
+            history_costs((0, 5000, 20000), None if args.cm_only or not slurm_available() else SlurmSide, report)
+        else:
+            memory_after_many(5000 if args.quick else 20000, report)
+        print()
+        print(report.table())
+        return
     if not args.cm_only and not slurm_available():
         sys.exit("bench: Slurm is not installed (make bench installs slurm-wlm and munge); --cm-only measures cm alone")
     quick = args.quick
@@ -412,6 +527,10 @@ def main():
             slurm.stop()
         cm.stop()
         shutil.rmtree(work, ignore_errors=True)
+    print("scenario 9: costs with 0, 5,000 and 20,000 jobs in the history")
+    history_costs((0, 5000, 20000), None if args.cm_only else SlurmSide, report)
+    print("scenario 10: the head's memory after many jobs (cm only)")
+    memory_after_many(5000 if quick else 20000, report)
     print("scenario 7: scale (cm only)")
     scale((100, 500, 1000) if not quick else (100, 1000), 1000 if not quick else 300, 10 if not quick else 5, report)
     os.makedirs(args.out, exist_ok=True)

@@ -31,7 +31,7 @@ def runs(workdir):
 def settle(cluster, ids, timeout=120):
     """Wait until every job has ended; returns {id: job}."""
     def ended():
-        jobs = {j["id"]: j for j in cluster.info("--all")["jobs"]}
+        jobs = {j["id"]: j for j in cluster.info("-j", ",".join(map(str, ids)))["jobs"]}
         return all(i in jobs and jobs[i]["state"] not in ("PENDING", "RUNNING") for i in ids) and jobs
     return wait_until(ended, timeout=timeout, what=f"{len(ids)} jobs to end")
 

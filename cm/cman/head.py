@@ -3,8 +3,9 @@
 It serves two endpoints in one event loop: a ZeroMQ ROUTER where compute
 daemons register, heartbeat and report task ends, and a Unix socket for the
 CLI (cliserver). Nodes and jobs live in memory; every change goes to MongoDB
-through the writer thread (writer.py), by _id, in order, and the head acts
-on a change only once it is durable. Heartbeats stay in memory.
+through the writer thread (writer.py), in order, as journal records and
+history appends (store.py), and the head acts on a change only once it is
+durable. Heartbeats stay in memory.
 
 Where to look:
   a job is placed    schedule() -> placement.place(), run after any event
@@ -47,6 +48,8 @@ REPLIES_KEPT = 10000
 LIVENESS, FORGET = "liveness", "forget"
 # Seconds the head waits, when stopping, for its queued writes to reach the database.
 FLUSH_ON_STOP = 5.0
+# Ended jobs that cminfo --all shows when it does not say how many (newest first).
+DEFAULT_ENDED_SHOWN = 100
 
 
 class Node:
@@ -133,15 +136,13 @@ class Head:
         pause = 0.1
         while True:
             try:
-                nodes = self.store.load_nodes()
-                active = self.store.load_active_jobs(JobState.ACTIVE)
-                next_id = self.store.last_job_id() + 1
+                state = self.store.load()
                 break
             except StoreError as e:
                 log.error("database %s unavailable (%s); trying again in %.1fs", self.store.url, e, pause)
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
-        for d in nodes:
+        for d in state["nodes"]:
             self.nodes[d["name"]] = Node(d["name"], d["cpus"], d["mem_mb"], d["state"],
                                          d.get("reason", ""), d.get("state_since"))
         now = self.clock()
@@ -153,7 +154,9 @@ class Head:
             else:
                 down_for = self.wall() - (node.state_since or self.wall())
                 self.plan_forget(node, now, already=down_for)
-        for fields in active:
+        for fields in state["ended"]:              # ended since the last compaction: recent
+            self.remember_ended(Job(**fields))
+        for _, fields in sorted(state["jobs"].items()):
             job = Job(**fields)
             self.jobs[job.id] = job
             if job.request_id:
@@ -163,7 +166,8 @@ class Head:
             else:
                 for name in job.outstanding:
                     self.allocate(job, name)
-        self.writer = Writer(self.store, next_id)
+        self.writer = Writer(self.store, state)
+        next_id = state["next_job_id"]
         for node in self.nodes.values():
             if node.state == NodeState.DOWN and node.jobs:
                 self.fail_tasks_on(node, f"node {node.name} was down when the head started")
@@ -528,21 +532,26 @@ class Head:
         # RUNNING -> COMPLETED, FAILED, CANCELLED, TIMEOUT or NODE_FAIL
         state = lifecycle.final_state(job)
         reason = job.reason if state != JobState.COMPLETED else ""
-        changed = lifecycle.transition(job, state, self.wall(), reason=reason)
-        self.write_job(job, changed)
+        lifecycle.transition(job, state, self.wall(), reason=reason)
         self.retire(job)
 
     def retire(self, job):
-        """A job reached its final state: out of the working set, waiters told."""
+        """A job reached its final state: recorded in the history, out of the working set, waiters told."""
+        self.writer.end_job(job.stored())
         self.jobs.pop(job.id, None)
-        self.ended[job.id] = job
-        while len(self.ended) > self.cfg.ended_jobs_in_memory:
-            self.ended.popitem(last=False)
+        self.remember_ended(job)
         view = job.view(self.wall())
         for caller in self.waiters.pop(job.id, ()):
             self.cli.reply(caller, {"ok": True, "job": view})
         log.info("job %d %s, exit code %d%s", job.id, job.state, job.exit_code,
                  f", signal {job.exit_signal}" if job.exit_signal else "")
+
+    def remember_ended(self, job):
+        """Keep the latest ended jobs at hand, without their environments (the largest part)."""
+        job.env = None
+        self.ended[job.id] = job
+        while len(self.ended) > self.cfg.ended_jobs_in_memory:
+            self.ended.popitem(last=False)
 
     def write_job(self, job, fields, then=None):
         self.writer.update_job(job.id, {f: getattr(job, f) for f in fields}, then)
@@ -661,7 +670,9 @@ class Head:
         elif msg.get("job_ids"):
             self.info_jobs(caller, reply, msg.job_ids)
         elif msg.get("all", False):
-            self.writer.read("all_jobs", (), lambda error, stored: self.info_all(caller, reply, error, stored))
+            limit = msg.get("limit", DEFAULT_ENDED_SHOWN)
+            self.writer.read("recent_history", (limit, self.writer.next_job_id),
+                             lambda error, stored: self.info_all(caller, reply, limit, error, stored))
         else:
             now = self.wall()
             reply["jobs"] = [self.jobs[i].view(now) for i in sorted(self.jobs)]
@@ -686,19 +697,21 @@ class Head:
             reply["missing"] = [i for i in job_ids if i not in found]
             self.cli.reply(caller, reply)
         if older:
-            self.writer.read("find_jobs", (older,), done)
+            self.writer.read("find_history", (older,), done)
         else:
             done(None, [])
 
-    def info_all(self, caller, reply, error, stored):
+    def info_all(self, caller, reply, limit, error, stored):
+        """The live jobs and the latest `limit` ended ones, from memory and the history."""
         if error is not None:
             self.cli.reply(caller, {"ok": False, "error": "the cluster's database is unavailable; try again later"})
             return
-        jobs = {f["id"]: Job(**f) for f in stored}
-        jobs.update(self.ended)
-        jobs.update(self.jobs)            # memory is newer than the database
+        ended = {f["id"]: Job(**f) for f in stored}
+        ended.update(self.ended)          # memory is newer than the database
+        latest = sorted(ended, reverse=True)[:limit]
         now = self.wall()
-        reply["jobs"] = [jobs[i].view(now) for i in sorted(jobs)]
+        shown = [ended[i] for i in latest] + list(self.jobs.values())
+        reply["jobs"] = [job.view(now) for job in sorted(shown, key=lambda job: job.id)]
         self.cli.reply(caller, reply)
 
     def on_cancel(self, caller, msg):
@@ -722,8 +735,7 @@ class Head:
         if job.state == JobState.PENDING:
             # PENDING -> CANCELLED: nothing runs yet, so it ends now.
             self.pending.remove(job_id)
-            changed = lifecycle.transition(job, JobState.CANCELLED, self.wall(), reason=f"cancelled by {who}")
-            self.write_job(job, changed)
+            lifecycle.transition(job, JobState.CANCELLED, self.wall(), reason=f"cancelled by {who}")
             self.retire(job)
             self.triggers.add(f"job {job_id} cancelled")   # a job behind it may start now
             return {"job_id": job_id, "ok": True, "state": job.state}
@@ -742,7 +754,7 @@ class Head:
                     self.cli.reply(caller, {"ok": False, "error": "the cluster's database is unavailable; try again later"})
                 else:
                     self.cli.reply(caller, {"ok": True, "job": Job(**stored[0]).view(self.wall())})
-            self.writer.read("find_jobs", ([job_id],), done)
+            self.writer.read("find_history", ([job_id],), done)
         else:
             self.cli.reply(caller, {"ok": False, "error": f"job {job_id}: no such job"})
 

@@ -256,7 +256,8 @@ class Submit(Message):
 class Info(Message):
     """CLI -> head: nodes and/or jobs, for cminfo."""
     OP = Op.INFO
-    FIELDS = {"nodes": Bool(), "jobs": Bool(), "all": Bool(), "job_ids": List(JOB_ID, max_len=10000)}
+    FIELDS = {"nodes": Bool(), "jobs": Bool(), "all": Bool(), "job_ids": List(JOB_ID, max_len=10000),
+              "limit": Int(1, 100000)}
     OPTIONAL = tuple(FIELDS)
 
 

@@ -1,15 +1,33 @@
-"""The cluster's state in MongoDB: the mongoengine documents for nodes and
-jobs, and the head's write-through of each change.
+"""The cluster's state in MongoDB, laid out so that no operation costs time
+that grows with the job history.
 
-The head is the only writer. It keeps its working set in memory and writes
-every change by _id, setting only the fields that changed. Ids are strings
-("7" for job 7, the name for a node) because FerretDB turns only a string or
-ObjectId _id filter into an indexed lookup; job_id keeps the number for
-sorting. Heartbeats never reach the database; only node UP/DOWN does.
+    nodes           one document per node, updated by _id on UP/DOWN (small: live objects only)
+    journal_<G>     what happened to the live jobs, in order: records appended
+                    (one insert of many per batch), never updated or deleted
+    snapshot_<G>    the live jobs as they stood when generation G began
+    generations     one document per complete generation; the highest is current
+    history_<B>     ended jobs, appended once and never updated; bucket B holds
+                    the ids B*HISTORY_BUCKET ... (B+1)*HISTORY_BUCKET-1
+
+Why: on FerretDB (SQLite) every read, update and delete by _id scans its
+whole collection, while inserts stay flat (about 1 ms, 0.05 ms a document
+in an insert of many). So what changes is appended to a journal, which
+compaction folds into a new snapshot once it is long (both bounded by the
+live jobs, not by history), and what has ended is appended to a history cut
+into buckets, so that finding an old job scans one bucket. A head restart
+reads the nodes, one snapshot and one journal. On a real MongoDB, inserts
+and small collections are fast as well, so the same layout is never slower.
+
+Journal records:
+    {"s": seq, "t": "job", "id": N, "f": {fields}}   set fields of live job N (the first has them all)
+    {"s": seq, "t": "end", "id": N, "f": {fields}}   job N ended with these final fields; it is
+                                                     appended to the history right after
+Snapshot documents: {"t": "job", "id": N, "f": {fields}} and {"t": "meta", "next_job_id": N}.
 """
 import logging
 
 import mongoengine as me
+import pymongo
 import pymongo.errors
 
 from .jobs import STORED_FIELDS
@@ -17,21 +35,15 @@ from .jobs import STORED_FIELDS
 log = logging.getLogger("cm.store")
 
 StoreError = pymongo.errors.PyMongoError
+HISTORY_BUCKET = 1000
+DUPLICATE_KEY = 11000
+# The layout before journals: every job, live or ended, in one collection.
+LEGACY_JOBS = "jobs"
 
 
-class NodeDoc(me.Document):
-    id = me.StringField(primary_key=True)                 # the node's name
-    state = me.StringField(required=True)
-    cpus = me.IntField(min_value=1, required=True)
-    mem_mb = me.IntField(min_value=0, required=True)
-    reason = me.StringField(default="")
-    state_since = me.FloatField()                         # wall-clock time of the last UP/DOWN
-    meta = {"collection": "nodes"}
-
-
-class JobDoc(me.Document):
-    id = me.StringField(primary_key=True)                 # str(job_id)
-    job_id = me.IntField(required=True, min_value=0)
+class JobDoc(me.EmbeddedDocument):
+    """The schema a new job's fields are checked against before they are stored."""
+    id = me.IntField(required=True, min_value=0)
     name = me.StringField(default="")
     user = me.StringField(required=True)
     uid = me.IntField(required=True)
@@ -56,86 +68,192 @@ class JobDoc(me.Document):
     attempt = me.IntField(default=0)
     ended_ranks = me.ListField(me.IntField())
     request_id = me.StringField()
-    meta = {"collection": "jobs", "indexes": ["job_id", "state"]}
 
 
-def _job_doc_fields(fields):
-    """Our field names -> the document's (id is the string _id, job_id the number)."""
-    out = dict(fields)
-    if "id" in out:
-        out["job_id"] = out.pop("id")
-    return out
+def check_job(fields):
+    """Raise mongoengine's ValidationError if the fields cannot be stored as a job."""
+    JobDoc(**fields).validate()
 
 
-def _job_from_raw(raw):
-    raw = dict(raw)
-    raw.pop("_id", None)
-    raw.pop("_cls", None)
-    raw["id"] = raw.pop("job_id")
+def bucket_of(job_id):
+    return job_id // HISTORY_BUCKET
+
+
+def _job_fields(raw):
     return {field: raw.get(field) for field in STORED_FIELDS}
+
+
+def _only_duplicates(error):
+    """Whether a failed insert of many failed only on documents that are there already."""
+    errors = error.details.get("writeErrors", [])
+    return bool(errors) and all(e.get("code") == DUPLICATE_KEY for e in errors)
 
 
 class Store:
     def __init__(self, url, timeout=2.0, op_timeout=60.0):
         """timeout: how soon an absent database is noticed (finding it, connecting);
-        op_timeout: how long one operation (a bulk write of many jobs) may take."""
+        op_timeout: how long one operation (an insert of many jobs) may take."""
         self.url = url
-        self.client = me.connect(host=url, alias="default", connect=False,
-                                 serverSelectionTimeoutMS=int(timeout * 1000),
-                                 connectTimeoutMS=int(timeout * 1000), socketTimeoutMS=int(op_timeout * 1000))
-        self.jobs = JobDoc._get_collection()
-        self.nodes = NodeDoc._get_collection()
+        self.client = pymongo.MongoClient(url, connect=False, serverSelectionTimeoutMS=int(timeout * 1000),
+                                          connectTimeoutMS=int(timeout * 1000),
+                                          socketTimeoutMS=int(op_timeout * 1000))
+        self.db = self.client.get_default_database("cm")
+        self.nodes = self.db["nodes"]
 
-    # ---- reads (at start, and for jobs no longer in memory) ----
+    def journal(self, gen):
+        return self.db[f"journal_{gen}"]
 
-    def load_nodes(self):
-        return [{"name": d.pop("_id"), **d} for d in self.nodes.find({})]
+    def snapshot(self, gen):
+        return self.db[f"snapshot_{gen}"]
 
-    def load_active_jobs(self, active_states):
-        raw = self.jobs.find({"state": {"$in": sorted(active_states)}})
-        return sorted((_job_from_raw(d) for d in raw), key=lambda j: j["id"])
-
-    def last_job_id(self):
-        """The highest job id ever given, or -1."""
-        latest = self.jobs.find_one({}, sort=[("job_id", -1)], projection={"job_id": 1})
-        return -1 if latest is None else latest["job_id"]
-
-    def find_jobs(self, job_ids):
-        """The stored jobs with these ids (one lookup by _id each: the fast path on FerretDB)."""
-        found = (self.jobs.find_one({"_id": str(job_id)}) for job_id in job_ids)
-        return [_job_from_raw(raw) for raw in found if raw is not None]
-
-    def all_jobs(self):
-        return sorted((_job_from_raw(d) for d in self.jobs.find({}, projection={"env": 0})),
-                      key=lambda j: j["id"])
+    def history(self, bucket):
+        return self.db[f"history_{bucket}"]
 
     def ping(self):
         self.client.admin.command("ping")
 
-    # ---- writes (by _id only) ----
+    # ---- start: the live state, and nothing of the history ----
 
-    def insert_job(self, fields):
-        doc = JobDoc(id=str(fields["id"]), **_job_doc_fields(fields))
-        doc.validate()
-        self.jobs.insert_one(doc.to_mongo().to_dict())
+    def load(self):
+        """What a head starts from: {"nodes", "jobs" (live, by id), "next_job_id", "gen",
+        "journal_len", "seq", "ended" (final fields of jobs that ended in this generation)}.
+        Finishes what a head that died left half done: an appended end whose history insert
+        may not have happened, a compaction that did not complete, the layout before journals."""
+        gens = sorted(d["gen"] for d in self.db.generations.find({}))
+        if not gens:
+            return self._start_first_generation()
+        gen = gens[-1]
+        live, next_id = {}, 0
+        for doc in self.snapshot(gen).find({}):
+            if doc["t"] == "job":
+                live[doc["id"]] = doc["f"]
+            elif doc["t"] == "meta":
+                next_id = doc["next_job_id"]
+        records = sorted(self.journal(gen).find({}, projection={"_id": 0}), key=lambda r: r["s"])
+        ended = {}
+        for record in records:
+            job_id = record["id"]
+            if record["t"] == "job":
+                live.setdefault(job_id, {}).update(record["f"])
+                next_id = max(next_id, job_id + 1)
+            elif record["t"] == "end":
+                live.pop(job_id, None)
+                ended[job_id] = record["f"]
+        self.add_history(list(ended.values()))            # idempotent: what is there stays
+        self._drop_other_generations(gen, gens)
+        return {"nodes": self.load_nodes(), "jobs": {i: _job_fields(f) for i, f in live.items()},
+                "next_job_id": next_id, "gen": gen, "journal_len": len(records),
+                "seq": records[-1]["s"] + 1 if records else 0,
+                "ended": [_job_fields(ended[i]) for i in sorted(ended)]}
 
-    def apply_updates(self, jobs, nodes):
-        """Many changes: {job id: fields}, {node name: fields}, each written by _id.
+    def _start_first_generation(self):
+        """A new database, or one of the layout before journals (every job in one collection):
+        its ended jobs move to the history, its live ones into the first snapshot."""
+        live, next_id, moved = {}, 0, 0
+        legacy = LEGACY_JOBS in self.db.list_collection_names()
+        if legacy:
+            batch = []
+            for raw in self.db[LEGACY_JOBS].find({}):
+                fields = _job_fields(dict(raw, id=raw["job_id"]))
+                next_id = max(next_id, fields["id"] + 1)
+                if fields["state"] in ("PENDING", "RUNNING"):
+                    live[fields["id"]] = fields
+                else:
+                    batch.append(fields)
+                if len(batch) >= 5000:
+                    moved += self.add_history(batch)
+                    batch = []
+            moved += self.add_history(batch)
+        self.compact(1, live, next_id, old_gen=None)
+        if legacy:
+            log.warning("moved %d ended jobs to the history and %d live ones to the journal's first snapshot",
+                        moved, len(live))
+            self.db.drop_collection(LEGACY_JOBS)
+        return {"nodes": self.load_nodes(), "jobs": live, "next_job_id": next_id, "gen": 1,
+                "journal_len": 0, "seq": 0, "ended": []}
 
-        One update per document rather than one bulk_write: FerretDB's cost for a
-        multi-statement update grows much faster than its size (200 job updates in
-        one command took over a minute where 200 single ones take about a second).
-        """
-        for job_id, fields in jobs.items():
-            self.update_job(job_id, fields)
-        for name, fields in nodes.items():
-            self.save_node(name, fields)
+    def _drop_other_generations(self, gen, gens):
+        """Collections of earlier generations (a compaction stopped before dropping them) and
+        of a later one that never completed."""
+        for name in self.db.list_collection_names():
+            prefix, _, number = name.partition("_")
+            if prefix in ("journal", "snapshot") and number.isdigit() and int(number) != gen:
+                self.db.drop_collection(name)
+        for old in gens[:-1]:
+            self.db.generations.delete_one({"_id": str(old)})
 
-    def update_job(self, job_id, fields):
-        self.jobs.update_one({"_id": str(job_id)}, {"$set": _job_doc_fields(fields)})
+    def load_nodes(self):
+        return [{"name": d.pop("_id"), **d} for d in self.nodes.find({})]
+
+    # ---- writes: appends, and the small nodes collection ----
+
+    def append(self, gen, records):
+        """Append journal records; a retry of the same records (they keep their _id) adds nothing twice."""
+        if not records:
+            return
+        try:
+            self.journal(gen).insert_many(records, ordered=False)
+        except pymongo.errors.BulkWriteError as e:
+            if not _only_duplicates(e):
+                raise
+
+    def add_history(self, jobs):
+        """Append ended jobs to their history buckets; one already there is left as it is.
+        Returns how many were given."""
+        by_bucket = {}
+        for fields in jobs:
+            doc = {k: v for k, v in fields.items() if k != "env"}
+            doc["_id"] = str(fields["id"])
+            by_bucket.setdefault(bucket_of(fields["id"]), []).append(doc)
+        for bucket, docs in sorted(by_bucket.items()):
+            try:
+                self.history(bucket).insert_many(docs, ordered=False)
+            except pymongo.errors.BulkWriteError as e:
+                if not _only_duplicates(e):
+                    raise
+        return len(jobs)
+
+    def compact(self, gen, live, next_job_id, old_gen):
+        """Begin generation gen with a snapshot of the live jobs; then the old one goes.
+        Until the generations document is written the old generation stays current, so a
+        compaction that stops half way loses nothing."""
+        self.db.drop_collection(f"snapshot_{gen}")        # a try that did not complete
+        self.db.drop_collection(f"journal_{gen}")
+        docs = [{"t": "job", "id": job_id, "f": fields} for job_id, fields in live.items()]
+        docs.append({"t": "meta", "next_job_id": next_job_id})
+        self.snapshot(gen).insert_many(docs)
+        self.db.generations.insert_one({"_id": str(gen), "gen": gen})
+        if old_gen is not None:
+            self.db.drop_collection(f"journal_{old_gen}")
+            self.db.drop_collection(f"snapshot_{old_gen}")
+            self.db.generations.delete_one({"_id": str(old_gen)})
 
     def save_node(self, name, fields):
         self.nodes.update_one({"_id": name}, {"$set": fields}, upsert=True)
 
     def delete_node(self, name):
         self.nodes.delete_one({"_id": name})
+
+    # ---- reads of the history: one bucket per id, the newest buckets for a listing ----
+
+    def find_history(self, job_ids):
+        """The ended jobs with these ids; each bucket is read once."""
+        by_bucket = {}
+        for job_id in job_ids:
+            by_bucket.setdefault(bucket_of(job_id), []).append(str(job_id))
+        found = []
+        for bucket, ids in sorted(by_bucket.items()):
+            found.extend(_job_fields(d) for d in self.history(bucket).find({"_id": {"$in": ids}}))
+        return found
+
+    def recent_history(self, limit, below):
+        """Up to limit ended jobs with ids below `below`, newest first; reads only the
+        buckets it needs, newest first."""
+        found = []
+        bucket = bucket_of(max(0, below - 1))
+        while bucket >= 0 and len(found) < limit:
+            docs = [d for d in self.history(bucket).find({}, projection={"env": 0}) if d["id"] < below]
+            docs.sort(key=lambda d: d["id"], reverse=True)
+            found.extend(_job_fields(d) for d in docs[:limit - len(found)])
+            bucket -= 1
+        return found

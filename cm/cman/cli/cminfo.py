@@ -1,22 +1,24 @@
 """cminfo: the cluster's nodes, their resources, and the job queue.
 
     cminfo                 nodes, totals, and the pending and running jobs
-    cminfo --all           ended jobs too
+    cminfo --all           the latest ended jobs too (--limit of them, newest first)
     cminfo -j 7 --json     one job, as JSON for scripts
 """
 import json
 
 from .. import config, units
-from ..client import CliError, request
+from ..client import request
 from ..vocab import Exit, Op
-from .common import Parser, UsageError, run
+from .common import Parser, UsageError, error, run, whole_number
 
 
 def parser():
     p = Parser(prog="cminfo", description="Show nodes, resources and jobs.")
     p.add_argument("--nodes", action="store_true", help="only the nodes")
     p.add_argument("--jobs", action="store_true", help="only the jobs")
-    p.add_argument("--all", action="store_true", help="ended jobs too")
+    p.add_argument("--all", action="store_true", help="the latest ended jobs too")
+    p.add_argument("--limit", type=whole_number(1), default=100,
+                   help="with --all: how many ended jobs, newest first (default: %(default)s)")
     p.add_argument("-j", "--job", action="append", default=[], metavar="JOBID",
                    help="only these jobs (repeat, or separate with commas)")
     p.add_argument("--json", action="store_true", help='one JSON document {"nodes": [...], "jobs": [...]}')
@@ -83,6 +85,7 @@ def main(args):
         fields["job_ids"] = ids
     if args.all:
         fields["all"] = True
+        fields["limit"] = args.limit
     reply = request(settings, Op.INFO, **fields)
     if args.json:
         print(json.dumps({"nodes": reply["nodes"], "jobs": reply["jobs"]}, indent=1, sort_keys=True))
@@ -93,9 +96,12 @@ def main(args):
         if want_jobs:
             if reply["jobs"] or not ids:
                 parts.append(job_lines(reply["jobs"]) if reply["jobs"] else "no jobs")
-        print("\n\n".join(parts))
+        if parts:
+            print("\n\n".join(parts))
+    for job_id in reply["missing"]:
+        error("cminfo", f"job {job_id}: no such job")
     if reply["missing"]:
-        raise CliError("no such job: " + ", ".join(map(str, reply["missing"])))
+        return Exit.ERROR
     return Exit.OK
 
 
