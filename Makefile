@@ -114,7 +114,8 @@ test: deps ferretdb ## Run every test (installs what is missing first)
 
 unit: ## Only the tests that need no cluster
 	$(PYTHON) -m pytest -p no:cacheprovider -q tests/test_units.py tests/test_placement.py \
-	  tests/test_jobs.py tests/test_messages.py tests/test_config.py tests/test_users.py tests/test_cli.py
+	  tests/test_jobs.py tests/test_messages.py tests/test_config.py tests/test_users.py tests/test_cli.py \
+	  tests/test_core.py
 
 bench: deps ferretdb ## cm against Slurm on this machine (QUICK=1: a few minutes; CM_ONLY=1: without Slurm)
 	@$(if $(CM_ONLY),,dpkg -s slurm-wlm munge >/dev/null 2>&1 || { echo "installing slurm-wlm munge"; \

@@ -141,7 +141,7 @@ class Cm:
     def fill_history(self, count):
         """As if count jobs had run and ended: appended to the history, the next id after them."""
         from cman.store import Store
-        store = Store(self.env["CM_DATABASE_URL"])
+        store = Store(self.process("head")["cm_env"]["CM_DATABASE_URL"])
         state = store.load()
         ended = {"name": "true", "user": "bench", "uid": os.getuid(), "gid": os.getgid(), "argv": ["true"],
                  "workdir": self.work, "nodes": 1, "procs_per_node": 1, "cpus_per_proc": 1, "mem_mb": 0,

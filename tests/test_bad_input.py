@@ -210,3 +210,22 @@ def test_a_compute_daemon_without_the_clusters_keys_is_refused(cluster, tmp_path
     finally:
         intruder.terminate()
         intruder.wait(timeout=20)
+
+
+def test_a_compute_daemon_of_another_protocol_version_is_refused_with_what_to_upgrade(cluster):
+    port = int(cluster.process("head")["cm_env"]["CM_HEAD_PORT"])
+    old = json.dumps({"v": 0, "op": "register", "name": "oldnode", "cpus": 4, "mem_mb": 1024,
+                      "running": [], "ended": []}).encode()
+    with zmq.Context.instance().socket(zmq.DEALER) as s:
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, b"oldnode")
+        s.setsockopt(zmq.RCVTIMEO, 10000)
+        keys.connect_securely(s, os.path.join(cluster.dir, "keys"))
+        s.connect(f"tcp://127.0.0.1:{port}")
+        s.send(old)
+        answer = json.loads(s.recv())
+    assert answer["v"] == 1 and answer["op"] == "register_again"   # in the head's version, which it refuses
+    assert "oldnode" not in {n["name"] for n in cluster.info("--nodes")["nodes"]}
+    with open(os.path.join(cluster.dir, "head.log")) as f:
+        assert ("refused node oldnode: node oldnode speaks cm protocol version 0 and this daemon 1: "
+                "upgrade cm on node oldnode") in f.read()

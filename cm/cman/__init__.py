@@ -7,8 +7,11 @@ Where things live:
   messages   typed wire messages, validated on arrival
   placement  the pure function that chooses nodes for pending jobs
   jobs       a job's lifecycle: transitions and how its result is derived
-  store      MongoDB documents (mongoengine) and the head's write-through
-  head       the head daemon: the only writer, schedules on events
+  store      the MongoDB layout: a journal of the live jobs compacted into snapshots,
+             and the history of ended jobs in buckets (costs flat as history grows)
+  writer     the head's writer thread (in order, batched) and reader thread (history)
+  head/      the head daemon, the only writer, scheduling on events; its own map in
+             head/__init__.py: loop (I/O), core (decisions), nodes, queue, cliapi, restore
   cliserver  the head's Unix-socket endpoint for the CLI
   compute    the compute daemon: registers, heartbeats, runs what it is sent
   tasks      starting, signalling, timing out and reaping task processes
@@ -16,4 +19,8 @@ Where things live:
   client     the CLI's side of the Unix socket (standard library only)
   localcluster  cmcluster: the database, head and computes as local processes
   cli/       one thin module per command
+
+Where the tree grows next, each a folder or module of its own: scheduler
+policies beside placement (backfill), a web dashboard (web/), accounting
+(accounting/) and metrics (metrics/), each reading the store's history.
 """

@@ -221,6 +221,9 @@ class Compute:
             self.last_heard = self.clock()
             try:
                 msg = messages.decode(payload, messages.HEAD_TO_COMPUTE)
+            except messages.VersionMismatch as e:
+                log.error("the head refuses this node: %s", messages.upgrade_advice(e.version, "the head"))
+                continue
             except BadMessage as e:
                 log.warning("dropped a bad message from the head: %s", e)
                 continue

@@ -16,6 +16,22 @@ class BadMessage(ValueError):
     """A frame that is not a valid message; the text says what is wrong."""
 
 
+class VersionMismatch(BadMessage):
+    """A message of another protocol version: its sender runs another release of cm."""
+
+    def __init__(self, version, op):
+        self.version, self.op = version, op
+        super().__init__(f"protocol version {version!r:.20} is not {PROTOCOL_VERSION}")
+
+
+def upgrade_advice(their_version, who):
+    """One line for the log: which side to upgrade."""
+    if isinstance(their_version, int) and their_version < PROTOCOL_VERSION:
+        return f"{who} speaks cm protocol version {their_version} and this daemon {PROTOCOL_VERSION}: upgrade cm on {who}"
+    return (f"{who} speaks cm protocol version {their_version!r:.20} and this daemon {PROTOCOL_VERSION}: "
+            f"upgrade cm here")
+
+
 # ---- field checkers: each returns the checked value or raises BadMessage ----
 
 class Int:
@@ -273,6 +289,49 @@ class Wait(Message):
     FIELDS = {"job_id": JOB_ID}
 
 
+# ---- replies to the CLI: {"ok": true, fields...} or {"ok": false, "error": ...} ----
+
+class Reply:
+    """head -> CLI: the answer to one request. Built with exactly its FIELDS; the CLI
+    reads them by name (client.py, standard library only)."""
+    OK = True
+    FIELDS = ()
+
+    def __init__(self, **fields):
+        if set(fields) != set(self.FIELDS):
+            raise TypeError(f"{type(self).__name__} takes {', '.join(self.FIELDS)}, not {', '.join(sorted(fields))}")
+        self.__dict__.update(fields)
+
+    def to_dict(self):
+        return {"ok": self.OK, **{name: getattr(self, name) for name in self.FIELDS}}
+
+
+class Submitted(Reply):
+    """A job is accepted (and durable) under this id."""
+    FIELDS = ("job_id",)
+
+
+class InfoReply(Reply):
+    """Nodes and jobs as cminfo shows them; missing: asked-for ids that no job has."""
+    FIELDS = ("nodes", "jobs", "missing")
+
+
+class Cancelled(Reply):
+    """One result per job asked for: {"job_id", "ok", "state"} or {"job_id", "ok": false, "error"}."""
+    FIELDS = ("results",)
+
+
+class JobEnded(Reply):
+    """The job a waiting cmrun (or cmrun --wait) asked for has ended: its view."""
+    FIELDS = ("job",)
+
+
+class Refused(Reply):
+    """The request was not carried out; the error is one line for the user."""
+    OK = False
+    FIELDS = ("error",)
+
+
 COMPUTE_TO_HEAD = {m.OP: m for m in (Register, Heartbeat, TaskEnded)}
 HEAD_TO_COMPUTE = {m.OP: m for m in (Welcome, HeartbeatAck, RegisterAgain, Launch, Kill, EndedAck)}
 CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait)}
@@ -289,7 +348,7 @@ def decode(frame, table):
     if type(data) is not dict:
         raise BadMessage("want a JSON object")
     if data.get("v") != PROTOCOL_VERSION:
-        raise BadMessage(f"protocol version {data.get('v')!r:.20} is not {PROTOCOL_VERSION}")
+        raise VersionMismatch(data.get("v"), data.get("op") if isinstance(data.get("op"), str) else None)
     op = data.get("op")
     cls = table.get(op) if type(op) is str else None
     if cls is None:

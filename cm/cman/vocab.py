@@ -23,6 +23,8 @@ class JobState:
     ACTIVE = frozenset({PENDING, RUNNING})
     FINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL})
     ALL = ACTIVE | FINAL
+    # Not a state a job is ever in: what cmkill answers for a running job its nodes are told to stop.
+    CANCELLING = "CANCELLING"
 
 
 class NodeState:
@@ -31,6 +33,15 @@ class NodeState:
     UP = "UP"
     DOWN = "DOWN"
     ALL = frozenset({UP, DOWN})
+
+
+class NodeStatus:
+    """What cminfo shows of a node, derived from its state and allocation."""
+    DOWN = "down"
+    UNKNOWN = "unknown"          # UP when the head restarted; not heard from since
+    IDLE = "idle"
+    MIXED = "mixed"              # some CPUs allocated
+    ALLOC = "alloc"              # every CPU allocated
 
 
 class PendingReason:

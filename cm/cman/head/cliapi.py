@@ -1,0 +1,232 @@
+"""The head's answers to the CLI: one handler per request op, and the replies
+kept for retried request ids, so that a retried cmrun never makes two jobs
+and a retried cmkill gets its first answer.
+
+A request that changes state is answered only once the change is durable:
+a job's id after its insert, a cancel after it is recorded. Reads of jobs no
+longer in memory go to the history through the reader thread.
+"""
+import collections
+import logging
+import os
+import pwd
+
+from .. import messages, placement
+from ..jobs import Job
+from ..messages import BadMessage, Cancelled, InfoReply, JobEnded, Refused, Submitted
+from ..vocab import JobState, Op
+
+log = logging.getLogger("cm.head")
+
+# Remembered replies to CLI requests, so that a retried request gets its first answer.
+REPLIES_KEPT = 10000
+# Ended jobs that cminfo --all shows when it does not say how many (newest first).
+DEFAULT_ENDED_SHOWN = 100
+UNAVAILABLE = "the cluster's database is unavailable; try again later"
+NOT_ACCEPTED = "the cluster's database is unavailable; job not accepted, try again later"
+
+
+def user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class CliApi:
+    def __init__(self, cfg, nodes, queue, out, wall):
+        self.cfg, self.nodes, self.queue, self.out, self.wall = cfg, nodes, queue, out, wall
+        self.replies = collections.OrderedDict()  # (uid, request id) -> the reply, or None while in progress
+        self.retries = {}                # (uid, request id) -> callers who asked again meanwhile
+        self.waiters = {}                # job id -> callers waiting for its end
+        self.db_available = True
+        self.handlers = {Op.SUBMIT: self.on_submit, Op.INFO: self.on_info,
+                         Op.CANCEL: self.on_cancel, Op.WAIT: self.on_wait}
+        queue.on_retired = self.job_ended
+
+    def remember(self, job):
+        """A job restored at start: a retry of the request that made it gets its id."""
+        if job.request_id:
+            self.replies[(job.uid, job.request_id)] = Submitted(job_id=job.id)
+
+    # ---- every request ----
+
+    def on_request(self, caller, line):
+        try:
+            msg = messages.decode(line, messages.CLI_TO_HEAD)
+        except BadMessage as e:
+            log.warning("bad request from %r: %s", caller, e)
+            self.out.reply(caller, Refused(error=f"bad request: {e}"))
+            return
+        key = (caller.uid, msg.request_id)
+        if msg.request_id and key in self.replies:
+            log.info("request %s from uid %d is a retry; answering as before", msg.request_id, caller.uid)
+            self.answer_retry(caller, msg, key)
+            return
+        try:
+            self.handlers[msg.OP](caller, msg)
+        except Exception as e:
+            log.exception("error handling %r from %r", msg, caller)
+            self.out.reply(caller, Refused(error=f"internal error in the head: {e}"))
+
+    def answer_retry(self, caller, msg, key):
+        reply = self.replies[key]
+        if reply is None:                 # the first is still being answered
+            self.retries.setdefault(key, []).append((caller, msg))
+            return
+        waits = msg.OP == Op.SUBMIT and msg.get("wait", False) and reply.OK
+        self.out.reply(caller, reply, last=not waits)
+        if waits:
+            self.add_waiter(reply.job_id, caller)
+
+    def begin(self, caller, msg):
+        """A request that changes state: remember that it is being answered."""
+        if msg.request_id:
+            self.replies[(caller.uid, msg.request_id)] = None
+
+    def answer(self, caller, msg, reply, last=True):
+        """Reply, and keep the reply for a retry of the same request."""
+        key = (caller.uid, msg.request_id)
+        if msg.request_id:
+            self.replies[key] = reply
+            while len(self.replies) > REPLIES_KEPT:
+                self.replies.popitem(last=False)
+        self.out.reply(caller, reply, last=last)
+        for other, other_msg in self.retries.pop(key, ()):
+            self.answer_retry(other, other_msg, key)
+
+    def add_waiter(self, job_id, caller):
+        job = self.queue.get(job_id)
+        if job is not None and job.state in JobState.FINAL:
+            self.out.reply(caller, JobEnded(job=job.view(self.wall())))
+        else:
+            self.waiters.setdefault(job_id, []).append(caller)
+
+    def job_ended(self, job):
+        view = job.view(self.wall())
+        for caller in self.waiters.pop(job.id, ()):
+            self.out.reply(caller, JobEnded(job=view))
+
+    # ---- submit ----
+
+    def on_submit(self, caller, msg):
+        if not self.db_available:
+            self.out.reply(caller, Refused(error=NOT_ACCEPTED))
+            return
+        cfg = self.cfg
+        job = Job(
+            id=None, name=msg.get("name", os.path.basename(msg.argv[0])),
+            user=user_name(caller.uid), uid=caller.uid, gid=caller.gid,
+            argv=msg.argv, workdir=msg.workdir, env=msg.env,
+            nodes=msg.get("nodes", cfg.default_nodes),
+            procs_per_node=msg.get("procs_per_node", cfg.default_procs_per_node),
+            cpus_per_proc=msg.get("cpus_per_proc", cfg.default_cpus_per_proc),
+            mem_mb=msg.get("mem_mb", cfg.default_mem),
+            time_limit=msg.get("time_limit", cfg.default_time),
+            retries=msg.get("retries", cfg.default_retries),
+            submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
+        )
+        why = placement.never_fits(job, self.nodes.capacity())
+        if why:
+            self.out.reply(caller, Refused(error=f"job refused: {why}"))
+            return
+        self.begin(caller, msg)
+        # In the database before anyone sees its id; the writer gives the id.
+        self.out.writer.insert_job(job.stored(), lambda error, job_id: self.accepted(caller, msg, job, error, job_id))
+
+    def accepted(self, caller, msg, job, error, job_id):
+        if error is not None:
+            log.error("job submission refused, the database write failed: %s", error)
+            self.replies.pop((caller.uid, msg.request_id), None)   # a retry may try again
+            self.out.reply(caller, Refused(error=NOT_ACCEPTED))
+            for other, _ in self.retries.pop((caller.uid, msg.request_id), ()):
+                self.out.reply(other, Refused(error=NOT_ACCEPTED))
+            return
+        job.id = job_id
+        self.queue.add(job)
+        log.info("job %d submitted by %s: %d x %d x %d CPUs, %s", job.id, job.user, job.nodes,
+                 job.procs_per_node, job.cpus_per_proc, " ".join(job.argv)[:200])
+        waits = msg.get("wait", False)
+        self.answer(caller, msg, Submitted(job_id=job.id), last=not waits)
+        if waits:
+            self.add_waiter(job.id, caller)
+
+    # ---- info ----
+
+    def on_info(self, caller, msg):
+        want_nodes, want_jobs = msg.get("nodes", False), msg.get("jobs", False)
+        if not want_nodes and not want_jobs:
+            want_nodes = want_jobs = True
+        reply = InfoReply(nodes=self.nodes.views() if want_nodes else [], jobs=[], missing=[])
+        if not want_jobs:
+            self.out.reply(caller, reply)
+        elif msg.get("job_ids"):
+            self.info_jobs(caller, reply, msg.job_ids)
+        elif msg.get("all", False):
+            limit = msg.get("limit", DEFAULT_ENDED_SHOWN)
+            self.out.writer.read("recent_history", (limit, self.out.writer.next_job_id),
+                                 lambda error, stored: self.info_all(caller, reply, limit, error, stored))
+        else:
+            now = self.wall()
+            reply.jobs = [self.queue.jobs[i].view(now) for i in sorted(self.queue.jobs)]
+            self.out.reply(caller, reply)
+
+    def info_jobs(self, caller, reply, job_ids):
+        """The jobs asked for: from memory, and any older ones from the history."""
+        now = self.wall()
+        found, older = {}, []
+        for job_id in job_ids:
+            job = self.queue.get(job_id)
+            if job is not None:
+                found[job_id] = job.view(now)
+            elif self.queue.exists(job_id):
+                older.append(job_id)
+
+        def done(error, stored):
+            if error is not None:
+                self.out.reply(caller, Refused(error=UNAVAILABLE))
+                return
+            found.update((f["id"], Job(**f).view(now)) for f in stored or ())
+            reply.jobs = [found[i] for i in job_ids if i in found]
+            reply.missing = [i for i in job_ids if i not in found]
+            self.out.reply(caller, reply)
+        if older:
+            self.out.writer.read("find_history", (older,), done)
+        else:
+            done(None, [])
+
+    def info_all(self, caller, reply, limit, error, stored):
+        """The live jobs and the latest `limit` ended ones, from memory and the history."""
+        if error is not None:
+            self.out.reply(caller, Refused(error=UNAVAILABLE))
+            return
+        ended = {f["id"]: Job(**f) for f in stored}
+        ended.update(self.queue.ended)    # memory is newer than the database
+        latest = sorted(ended, reverse=True)[:limit]
+        now = self.wall()
+        shown = [ended[i] for i in latest] + list(self.queue.jobs.values())
+        reply.jobs = [job.view(now) for job in sorted(shown, key=lambda job: job.id)]
+        self.out.reply(caller, reply)
+
+    # ---- cancel and wait ----
+
+    def on_cancel(self, caller, msg):
+        self.begin(caller, msg)
+        who = user_name(caller.uid)
+        results = [self.queue.cancel(job_id, caller.uid, who) for job_id in msg.job_ids]
+        # Answered once the cancellations are recorded: a cancelled job never comes back.
+        self.out.writer.barrier(lambda error, _: self.answer(caller, msg, Cancelled(results=results)))
+
+    def on_wait(self, caller, msg):
+        job_id = msg.job_id
+        if self.queue.get(job_id) is not None:
+            self.add_waiter(job_id, caller)
+        elif self.queue.exists(job_id):
+            def done(error, stored):
+                if error is not None or not stored:
+                    self.out.reply(caller, Refused(error=UNAVAILABLE))
+                else:
+                    self.out.reply(caller, JobEnded(job=Job(**stored[0]).view(self.wall())))
+            self.out.writer.read("find_history", ([job_id],), done)
+        else:
+            self.out.reply(caller, Refused(error=f"job {job_id}: no such job"))

@@ -1,0 +1,246 @@
+"""The live jobs: the queue of pending ones, the running ones and the nodes
+they hold, and what happens to each, from placement to its end.
+
+    a job is placed    schedule() -> placement.place(), when something has
+                       happened that can change the answer (its trigger)
+    a job is launched  start_job() -> once RUNNING is recorded, launch()
+                       sends a Launch message to each of its nodes
+    a job is stopped   doom(): the first cause (cmkill, a node lost, a time
+                       limit) is its fate; its tasks are told to stop
+    a job is reaped    apply_task_ends() -> finish_job() once every task has
+                       been reported ended: requeued, or retired to the history
+
+Nothing here touches a socket or the database: what must be sent or written
+goes to `out` (out.send, out.writer), and what the writer reports durable
+comes back as a callback. Every change of a job's state goes through
+jobs.transition().
+"""
+import bisect
+import collections
+import logging
+
+from .. import jobs as lifecycle
+from .. import messages, placement
+from ..vocab import EndCause, JobState, NodeState, PendingReason
+from .nodes import Node
+
+log = logging.getLogger("cm.head")
+
+
+class JobQueue:
+    def __init__(self, cfg, nodes, out, wall):
+        self.cfg, self.nodes, self.out, self.wall = cfg, nodes, out, wall
+        self.jobs = {}                   # id -> Job, for PENDING and RUNNING jobs
+        self.pending = []                # ids of PENDING jobs, in submission order
+        self.ended = collections.OrderedDict()   # id -> Job, the latest ended ones
+        self.triggers = set()            # why the next placement pass runs
+        self.on_retired = lambda job: None   # the CLI API tells those who wait for it
+
+    def get(self, job_id):
+        """A live or recently ended job, or None."""
+        return self.jobs.get(job_id) or self.ended.get(job_id)
+
+    def exists(self, job_id):
+        """Whether a job with this id was ever accepted (ids are given consecutively)."""
+        return 0 <= job_id < self.out.writer.next_job_id
+
+    # ---- entering and leaving ----
+
+    def add(self, job):
+        """A job the database holds: accepted now (PENDING), or restored at start."""
+        self.jobs[job.id] = job
+        if job.state == JobState.PENDING:
+            bisect.insort(self.pending, job.id)
+            self.triggers.add("submit")
+        else:
+            for name in job.outstanding:
+                self.allocate(job, name)
+
+    def retire(self, job):
+        """A job reached its final state: recorded in the history, out of the working set, waiters told."""
+        self.out.writer.end_job(job.stored())
+        self.jobs.pop(job.id, None)
+        self.remember_ended(job)
+        self.on_retired(job)
+        log.info("job %d %s, exit code %d%s", job.id, job.state, job.exit_code,
+                 f", signal {job.exit_signal}" if job.exit_signal else "")
+
+    def remember_ended(self, job):
+        """Keep the latest ended jobs at hand, without their environments (the largest part)."""
+        job.env = None
+        self.ended[job.id] = job
+        while len(self.ended) > self.cfg.ended_jobs_in_memory:
+            self.ended.popitem(last=False)
+
+    def write_job(self, job, fields, then=None):
+        self.out.writer.update_job(job.id, {f: getattr(job, f) for f in fields}, then)
+
+    # ---- resources ----
+
+    def allocate(self, job, name):
+        node = self.nodes.get(name)
+        if node is None:                  # a running job on a node the database forgot
+            node = self.nodes.add(Node(name, placement.cpus_per_node(job), job.mem_mb))
+        node.alloc_cpus += placement.cpus_per_node(job)
+        node.alloc_mem_mb += job.mem_mb
+        node.jobs.add(job.id)
+
+    def release(self, job, name):
+        node = self.nodes[name]
+        node.alloc_cpus -= placement.cpus_per_node(job)
+        node.alloc_mem_mb -= job.mem_mb
+        node.jobs.discard(job.id)
+        self.triggers.add(f"resources freed on {name}")
+
+    # ---- placement and launch ----
+
+    def schedule(self):
+        why = ", ".join(sorted(self.triggers))
+        self.triggers.clear()
+        if not self.pending:
+            return
+        placements, waiting = placement.place([self.jobs[i] for i in self.pending], self.nodes.free())
+        for job, names in placements:
+            self.start_job(job, names)
+        if placements:
+            started = {job.id for job, _ in placements}
+            self.pending = [i for i in self.pending if i not in started]
+        for job_id, reason in waiting.items():
+            job = self.jobs[job_id]
+            if not (reason == PendingReason.PRIORITY and job.reason == PendingReason.REQUEUED):
+                job.reason = reason       # shown by cminfo; not worth a database write
+        log.debug("placement pass (%s): %d started, %d waiting", why, len(placements), len(self.pending))
+
+    def start_job(self, job, names):
+        job.node_list = names
+        # PENDING -> RUNNING: resources taken now; the tasks start once this is recorded,
+        # so that a head restarting in between never runs the job twice.
+        changed = lifecycle.transition(job, JobState.RUNNING, self.wall())
+        job.launched = False
+        for name in names:
+            self.allocate(job, name)
+        attempt = job.attempt
+        self.write_job(job, changed, then=lambda error, _: self.launch(job, attempt))
+
+    def launch(self, job, attempt):
+        if job.state != JobState.RUNNING or job.attempt != attempt:
+            return                        # lost or requeued while it was being recorded
+        job.launched = True
+        if job.fate is not None:          # cancelled (or doomed) before it could start
+            for name in list(job.outstanding):
+                self.end_outstanding(job, name, EndCause.KILLED)
+            return
+        for node_rank, name in enumerate(job.node_list):
+            self.send_launch(job, node_rank, job.ranks_on(node_rank))
+        log.info("job %d started on %s (attempt %d)", job.id, ",".join(job.node_list), attempt)
+
+    def send_launch(self, job, node_rank, ranks):
+        self.out.send(job.node_list[node_rank], messages.Launch(
+            job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=node_rank,
+            nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
+            env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit))
+
+    def resend_missing(self, node, running):
+        """A node registered again saying what it runs: a task the head expects and the
+        node does not mention never reached it (a head stopped between recording a
+        launch and sending it), so it is sent again."""
+        running = {(k["job"], k["attempt"], k["rank"]) for k in running}
+        for job_id in sorted(node.jobs):
+            job = self.jobs[job_id]
+            if not job.launched or job.fate is not None:
+                continue                  # its launch waits for the database, or it is being stopped
+            missing = sorted(r for r in job.outstanding.get(node.name, ()) if (job.id, job.attempt, r) not in running)
+            if missing:
+                log.warning("node %s never received ranks %s of job %d; sending them again", node.name, missing, job.id)
+                self.send_launch(job, job.node_list.index(node.name), missing)
+
+    # ---- stopping and ending ----
+
+    def doom(self, job, fate, why):
+        """Something ends a running job: record it and stop its tasks everywhere."""
+        if not lifecycle.set_fate(job, fate):
+            return
+        job.reason = why
+        if not job.launched:
+            return                        # launch() sees the fate and starts nothing
+        for name in sorted(job.outstanding):
+            if self.nodes[name].state == NodeState.UP:
+                self.out.send(name, messages.Kill(job=job.id, attempt=job.attempt, reason=why))
+
+    def cancel(self, job_id, uid, who):
+        """cmkill of one job by uid (whose name is who); returns its line of the reply."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            ended = self.ended.get(job_id)
+            if ended is not None:
+                why = f"already ended ({ended.state})"
+            else:
+                why = "already ended" if self.exists(job_id) else "no such job"
+            return {"job_id": job_id, "ok": False, "error": why}
+        if uid not in (0, job.uid):
+            return {"job_id": job_id, "ok": False, "error": f"permission denied: it belongs to {job.user}"}
+        if job.state == JobState.PENDING:
+            # PENDING -> CANCELLED: nothing runs yet, so it ends now.
+            self.pending.remove(job_id)
+            lifecycle.transition(job, JobState.CANCELLED, self.wall(), reason=f"cancelled by {who}")
+            self.retire(job)
+            self.triggers.add(f"job {job_id} cancelled")   # a job behind it may start now
+            return {"job_id": job_id, "ok": True, "state": job.state}
+        # RUNNING: ask its nodes to stop it; it ends CANCELLED when they report.
+        self.doom(job, JobState.CANCELLED, f"cancelled by {who}")
+        log.info("job %d: cancel requested by %s", job_id, who)
+        return {"job_id": job_id, "ok": True, "state": JobState.CANCELLING}
+
+    def apply_task_ends(self, node_name, reports):
+        touched = {}
+        for r in reports:
+            job = self.jobs.get(r["job"])
+            if job is None or job.state != JobState.RUNNING or job.attempt != r["attempt"]:
+                continue                  # stale: an earlier attempt, or a job already ended
+            if not lifecycle.record_task_end(job, node_name, r["rank"], r["cause"], r["exit_code"], r["signal"]):
+                continue                  # a repeat of a report already counted
+            touched[job.id] = job
+            if r["cause"] == EndCause.TIMEOUT:
+                job.reason = f"time limit of {job.time_limit}s reached"
+            elif r["cause"] in (EndCause.LAUNCH_FAILED, EndCause.LOST) and r["message"]:
+                job.reason = f"rank {r['rank']} on {node_name}: {r['message']}"
+            if r["cause"] == EndCause.LOST:
+                self.doom(job, lifecycle.fate_after_node_loss(job), f"rank {r['rank']} lost on {node_name}")
+        for job in touched.values():
+            if node_name not in job.outstanding and job.id in self.nodes[node_name].jobs:
+                self.release(job, node_name)
+            if job.outstanding:
+                self.write_job(job, ("exit_code", "exit_signal", "ended_ranks"))
+            else:
+                self.finish_job(job)
+
+    def end_outstanding(self, job, name, cause):
+        """Count every rank of job still expected on node name as ended, by cause."""
+        ranks = sorted(job.outstanding.get(name, ()))
+        self.apply_task_ends(name, [messages.task_end((job.id, job.attempt, r), cause) for r in ranks])
+
+    def fail_tasks_on(self, node, why):
+        """A node's tasks are gone: each of their jobs is requeued or ends NODE_FAIL."""
+        for job_id in sorted(node.jobs):
+            job = self.jobs[job_id]
+            fate = lifecycle.fate_after_node_loss(job)
+            log.info("job %d: %s; rule: %s", job.id, why,
+                     "requeue (retries left)" if fate == lifecycle.REQUEUE else "NODE_FAIL (no retries left)")
+            self.doom(job, fate, why)
+            self.end_outstanding(job, node.name, EndCause.LOST)
+
+    def finish_job(self, job):
+        """Every task of a running job has ended."""
+        if job.fate == lifecycle.REQUEUE:
+            # RUNNING -> PENDING: back in the queue in its original place.
+            changed = lifecycle.transition(job, JobState.PENDING, self.wall(), reason=PendingReason.REQUEUED)
+            self.write_job(job, changed)
+            bisect.insort(self.pending, job.id)
+            self.triggers.add(f"job {job.id} requeued")
+            log.info("job %d requeued (%d retries left)", job.id, job.retries)
+            return
+        # RUNNING -> COMPLETED, FAILED, CANCELLED, TIMEOUT or NODE_FAIL
+        state = lifecycle.final_state(job)
+        reason = job.reason if state != JobState.COMPLETED else ""
+        lifecycle.transition(job, state, self.wall(), reason=reason)
+        self.retire(job)

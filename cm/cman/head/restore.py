@@ -1,0 +1,40 @@
+"""A head's start: the working set rebuilt from what the store holds (its
+nodes, and the live jobs of one snapshot and one journal; never the
+history). Nodes UP when the last head stopped get a full node_timeout to
+register with this one; jobs RUNNING on a node that is DOWN meet the fate
+of a lost node at once.
+"""
+import logging
+
+from ..jobs import Job
+from ..vocab import NodeState
+from .nodes import LIVENESS, Node
+
+log = logging.getLogger("cm.head")
+
+
+def restore(core, state):
+    """Load store.load()'s state into a new core."""
+    now = core.clock()
+    for d in state["nodes"]:
+        node = core.nodes.add(Node(d["name"], d["cpus"], d["mem_mb"], d["state"], d.get("reason", ""),
+                                   d.get("state_since")))
+        if node.state == NodeState.UP:
+            node.last_seen = now
+            core.nodes.set_timer(now + core.cfg.node_timeout, LIVENESS, node.name)
+        else:
+            down_for = core.wall() - (node.state_since or core.wall())
+            core.nodes.plan_forget(node, now, already=down_for)
+    for fields in state["ended"]:          # ended since the last compaction: the most recent
+        core.queue.remember_ended(Job(**fields))
+    for _, fields in sorted(state["jobs"].items()):
+        job = Job(**fields)
+        core.cli.remember(job)
+        core.queue.add(job)
+    for node in list(core.nodes.values()):
+        if node.state == NodeState.DOWN and node.jobs:
+            core.queue.fail_tasks_on(node, f"node {node.name} was down when the head started")
+    pending = len(core.queue.pending)
+    log.info("loaded %d nodes, %d pending and %d running jobs; next job id %d",
+             len(core.nodes.by_name), pending, len(core.queue.jobs) - pending, state["next_job_id"])
+    core.queue.triggers.add("head start")

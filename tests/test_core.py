@@ -1,0 +1,267 @@
+"""The head's core driven by events and a fake clock, with no socket and no
+database: what it sends to nodes, answers to callers and asks the writer to
+write. A restart is a new core restored from what the fake writer had made
+durable, so a head that stops between two steps can be played exactly."""
+import json
+
+import pytest
+
+from cman import config, messages
+from cman.head.core import Core
+from cman.head.nodes import InvalidNodeTransition
+from cman.head.restore import restore
+from cman.vocab import EndCause, NodeState, Op
+
+CFG = config.load({"CM_NODE_TIMEOUT": "3", "CM_HEARTBEAT_INTERVAL": "1", "CM_NODE_FORGET_AFTER": "60"},
+                  site_file=None)
+
+
+class FakeWriter:
+    """The writer's interface. Ops wait until the test completes them; what is
+    completed is durable (kept in .live, .nodes and .next_job_id, as the store would)."""
+
+    def __init__(self, state=None):
+        state = state or {"jobs": {}, "next_job_id": 0, "nodes": []}
+        self.live = {i: dict(f) for i, f in state["jobs"].items()}
+        self.nodes = {n["name"]: dict(n) for n in state["nodes"]}
+        self.next_job_id = state["next_job_id"]
+        self.ops = []
+
+    def _op(self, method, *args, done=None):
+        self.ops.append((method, args, done))
+
+    def insert_job(self, fields, done):
+        self._op("insert_job", fields, done=done)
+
+    def update_job(self, job_id, fields, done=None):
+        self._op("update_job", job_id, fields, done=done)
+
+    def end_job(self, fields, done=None):
+        self._op("end_job", fields, done=done)
+
+    def save_node(self, name, fields, done=None):
+        self._op("save_node", name, fields, done=done)
+
+    def delete_node(self, name, done=None):
+        self._op("delete_node", name, done=done)
+
+    def barrier(self, done):
+        self._op("barrier", done=done)
+
+    def read(self, method, args, done):
+        self._op("read", method, args, done=done)
+
+    def complete(self, callbacks=True):
+        """Make every queued op durable, in order; run their callbacks unless the head 'died' first."""
+        while self.ops:
+            method, args, done = self.ops.pop(0)
+            result = None
+            if method == "insert_job":
+                result = self.next_job_id
+                self.live[result] = dict(args[0], id=result)
+                self.next_job_id += 1
+            elif method == "update_job":
+                self.live[args[0]].update(args[1])
+            elif method == "end_job":
+                self.live.pop(args[0]["id"], None)
+            elif method == "save_node":
+                self.nodes[args[0]] = dict(args[1], name=args[0])
+            elif method == "delete_node":
+                self.nodes.pop(args[0], None)
+            if callbacks and done is not None:
+                done(None, result)
+
+    def state(self):
+        return {"jobs": {i: dict(f) for i, f in self.live.items()}, "next_job_id": self.next_job_id,
+                "nodes": [dict(n) for n in self.nodes.values()], "ended": []}
+
+
+class FakeOut:
+    def __init__(self, writer):
+        self.writer = writer
+        self.sent, self.replies = [], []
+
+    def send(self, name, msg):
+        self.sent.append((name, msg))
+        return True
+
+    def reply(self, caller, reply, last=True):
+        self.replies.append((caller, reply.to_dict()))
+
+    def sent_ops(self, op):
+        return [(name, msg) for name, msg in self.sent if msg.OP == op]
+
+
+class Caller:
+    def __init__(self, uid):
+        self.uid, self.gid = uid, uid
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def new_core(writer=None):
+    writer = writer or FakeWriter()
+    clock = Clock()
+    out = FakeOut(writer)
+    core = Core(CFG, out, clock, wall=lambda: 1e9 + clock.now)
+    restore(core, writer.state())
+    return core, out, writer, clock
+
+
+def register(core, name="node1", cpus=2, running=(), ended=()):
+    core.on_compute(name, messages.Register(name=name, cpus=cpus, mem_mb=1024, running=list(running),
+                                            ended=list(ended)))
+
+
+def request(core, caller, op, request_id="r1", **fields):
+    core.on_cli(caller, json.dumps({"v": 1, "op": op, "id": request_id, **fields}).encode())
+
+
+def submit(core, caller, request_id="r1", **fields):
+    request(core, caller, Op.SUBMIT, request_id, argv=["true"], workdir="/tmp", env=[], **fields)
+
+
+# uids that no account on the test machine has, so that their names are the numbers
+ALICE, BOB = Caller(424201), Caller(424202)
+
+
+def test_a_job_is_launched_only_once_running_is_durable_and_its_node_lost_ends_it_node_fail():
+    core, out, writer, clock = new_core()
+    register(core)
+    submit(core, ALICE)
+    assert out.replies == []                          # not answered before the insert is durable
+    writer.complete()
+    assert out.replies[-1][1] == {"ok": True, "job_id": 0}
+    core.tick(clock.now)                              # the placement pass the submit triggered
+    assert out.sent_ops(Op.LAUNCH) == []              # RUNNING not yet recorded
+    writer.complete()
+    (name, launch), = out.sent_ops(Op.LAUNCH)
+    assert (name, launch.job, launch.ranks) == ("node1", 0, [0])
+    clock.now += CFG.node_timeout + 0.1               # silence
+    core.tick(clock.now)
+    assert core.nodes["node1"].state == NodeState.DOWN
+    writer.complete()
+    assert 0 not in writer.live                       # ended, out of the live jobs
+    assert core.queue.get(0).state == "NODE_FAIL" and "node node1 lost" in core.queue.get(0).reason
+
+
+def test_heartbeats_keep_a_node_up_and_silence_marks_it_down_at_the_time_out():
+    core, out, writer, clock = new_core()
+    register(core)
+    for _ in range(5):
+        clock.now += 2
+        core.on_compute("node1", messages.Heartbeat(load=0.1, cpu_percent=1.0, mem_used_mb=10))
+        core.tick(clock.now)
+        assert core.nodes["node1"].state == NodeState.UP
+    clock.now += 2.9
+    core.tick(clock.now)
+    assert core.nodes["node1"].state == NodeState.UP
+    clock.now += 0.2
+    core.tick(clock.now)
+    assert core.nodes["node1"].state == NodeState.DOWN
+    assert core.next_deadline() == pytest.approx(clock.now + CFG.node_forget_after)
+
+
+def test_a_retried_submit_under_the_same_request_id_makes_one_job():
+    core, out, writer, clock = new_core()
+    register(core)
+    submit(core, ALICE, "same")
+    submit(core, ALICE, "same")                       # the CLI resent it: no answer came yet
+    assert [m for m, *_ in writer.ops].count("insert_job") == 1
+    writer.complete()
+    assert [body for _, body in out.replies] == [{"ok": True, "job_id": 0}] * 2
+    submit(core, ALICE, "same")                       # and once more, after the answer
+    assert out.replies[-1][1] == {"ok": True, "job_id": 0} and not writer.ops
+    submit(core, BOB, "same")                         # another user's request id is another request
+    writer.complete()
+    assert out.replies[-1][1] == {"ok": True, "job_id": 1}
+
+
+def test_a_head_stopped_between_recording_a_launch_and_sending_it_sends_it_after_its_restart():
+    core, out, writer, clock = new_core()
+    register(core)
+    submit(core, ALICE)
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete(callbacks=False)                  # RUNNING is durable; the head dies before sending
+    assert out.sent_ops(Op.LAUNCH) == []
+    core, out, writer, clock = new_core(FakeWriter(writer.state()))
+    assert core.queue.get(0).state == "RUNNING"
+    register(core, running=[])                        # the node never got it
+    (name, launch), = out.sent_ops(Op.LAUNCH)
+    assert (name, launch.job, launch.ranks, launch.attempt) == ("node1", 0, [0], 0)
+
+
+def test_a_head_stopped_before_a_launch_was_recorded_starts_the_job_once_after_its_restart():
+    core, out, writer, clock = new_core()
+    register(core)
+    submit(core, ALICE)
+    writer.complete()
+    core.tick(clock.now)                              # placed; RUNNING queued, not durable
+    writer.ops.clear()                                # the head dies: the write never happened
+    core, out, writer, clock = new_core(FakeWriter(writer.state()))
+    assert core.queue.get(0).state == "PENDING"
+    register(core)
+    core.tick(clock.now)
+    writer.complete()
+    assert len(out.sent_ops(Op.LAUNCH)) == 1
+
+
+def test_task_ends_are_acknowledged_once_recorded_and_end_the_job_with_the_highest_exit_code():
+    core, out, writer, clock = new_core()
+    register(core)
+    submit(core, ALICE, procs_per_node=2)
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    ends = [messages.task_end((0, 0, 0), EndCause.EXITED, exit_code=0),
+            messages.task_end((0, 0, 1), EndCause.EXITED, exit_code=5)]
+    core.on_compute("node1", messages.TaskEnded(ended=ends))
+    assert out.sent_ops(Op.ENDED_ACK) == []
+    writer.complete()
+    assert len(out.sent_ops(Op.ENDED_ACK)) == 1
+    job = core.queue.get(0)
+    assert (job.state, job.exit_code) == ("FAILED", 5)
+    core.on_compute("node1", messages.TaskEnded(ended=ends))          # a repeat changes nothing
+    writer.complete()
+    assert core.queue.get(0).exit_code == 5 and core.nodes["node1"].alloc_cpus == 0
+
+
+def test_only_the_owner_or_root_cancels_and_the_answer_waits_for_the_record():
+    core, out, writer, clock = new_core()
+    submit(core, ALICE, nodes=1)                      # no node yet: it stays pending
+    writer.complete()
+    assert out.replies[-1][1]["ok"] is False          # refused: the cluster has no compute nodes
+    register(core, cpus=1)
+    submit(core, ALICE, "r2", procs_per_node=1)
+    submit(core, ALICE, "r3", procs_per_node=1)       # waits behind the first
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    request(core, BOB, Op.CANCEL, "c1", job_ids=[1])
+    writer.complete()
+    assert out.replies[-1][1]["results"] == [{"job_id": 1, "ok": False,
+                                              "error": "permission denied: it belongs to 424201"}]
+    request(core, ALICE, Op.CANCEL, "c2", job_ids=[1, 99])
+    answered = len(out.replies)
+    writer.complete()
+    assert len(out.replies) == answered + 1
+    assert out.replies[-1][1]["results"] == [{"job_id": 1, "ok": True, "state": "CANCELLED"},
+                                             {"job_id": 99, "ok": False, "error": "no such job"}]
+    assert 1 not in writer.live
+
+
+def test_a_node_changes_state_only_as_the_transitions_allow():
+    core, out, writer, clock = new_core()
+    register(core)
+    node = core.nodes["node1"]
+    with pytest.raises(InvalidNodeTransition):
+        core.nodes.transition(node, NodeState.UP)
+    core.nodes.transition(node, NodeState.DOWN, "test")
+    assert (node.state, node.reason, node.connected) == (NodeState.DOWN, "test", False)
