@@ -51,11 +51,16 @@ class FakeWriter:
     def read(self, method, args, done):
         self._op("read", method, args, done=done)
 
-    def complete(self, callbacks=True):
-        """Make every queued op durable, in order; run their callbacks unless the head 'died' first."""
+    def complete(self, callbacks=True, refuse=()):
+        """Make every queued op durable, in order; run their callbacks unless the head 'died'
+        first. Ops whose method is in refuse are refused by the database instead."""
         while self.ops:
             method, args, done = self.ops.pop(0)
             result = None
+            if method in refuse:
+                if done is not None:
+                    done(RuntimeError("refused"), None)
+                continue
             if method == "insert_job":
                 result = self.next_job_id
                 self.live[result] = dict(args[0], id=result)
@@ -265,3 +270,30 @@ def test_a_node_changes_state_only_as_the_transitions_allow():
         core.nodes.transition(node, NodeState.UP)
     core.nodes.transition(node, NodeState.DOWN, "test")
     assert (node.state, node.reason, node.connected) == (NodeState.DOWN, "test", False)
+
+
+def test_tasks_a_node_runs_that_the_head_does_not_expect_are_killed_when_it_registers():
+    core, out, writer, clock = new_core()
+    register(core)
+    submit(core, ALICE)
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    # The node comes back (after a partition) still running job 0 attempt 0, and a job
+    # that ended while it was away.
+    register(core, running=[{"job": 0, "attempt": 0, "rank": 0}, {"job": 7, "attempt": 0, "rank": 0}])
+    kills = [(name, msg.job, msg.attempt) for name, msg in out.sent_ops(Op.KILL)]
+    assert kills == [("node1", 7, 0)]
+
+
+def test_a_start_the_database_refuses_to_record_never_runs_and_the_job_fails():
+    core, out, writer, clock = new_core()
+    register(core)
+    submit(core, ALICE)
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete(refuse=("update_job",))
+    assert out.sent_ops(Op.LAUNCH) == []
+    job = core.queue.get(0)
+    assert job.state == "FAILED" and job.reason == "the database refused to record its start"
+    assert core.nodes["node1"].alloc_cpus == 0

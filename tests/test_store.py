@@ -8,6 +8,7 @@ import subprocess
 import tempfile
 import time
 
+import pymongo.errors
 import pytest
 
 from conftest import wait_until
@@ -62,11 +63,13 @@ def flush(writer):
     done, ids = [], []
     writer.barrier(lambda error, _: done.append(error))
     def finished():
-        for op, error in writer.take_finished():
-            if op is not None and op.method == "insert_job":
-                assert error is None, error
+        for op, error in writer.take_finished():   # as the head's loop does: each callback runs
+            if op is None:
+                continue
+            op.done(error, op.result)
+            if op.method == "insert_job" and error is None:
                 ids.append(op.result)
-            elif op is not None and op.method == "barrier":
+            elif op.method == "barrier":
                 assert error is None, error
                 return True
         return False
@@ -207,3 +210,83 @@ def test_old_jobs_are_read_from_the_history_before_and_after_a_head_restart(requ
         cluster.ok("cmcluster", "restart", "head", "--dir", cluster.dir)
         wait_until(lambda: cluster.cm("cminfo", "--nodes").returncode == 0, what="the head to answer")
     assert cluster.submit("true") == ids[-1] + 1
+
+
+class LostReplies(Store):
+    """A store whose next append (or compaction) is applied but whose reply is lost."""
+    lose_append = lose_compact = False
+
+    def append(self, gen, records):
+        super().append(gen, records)
+        if self.lose_append:
+            self.lose_append = False
+            raise pymongo.errors.AutoReconnect("connection reset after the insert")
+
+    def compact(self, *args, **kwargs):
+        super().compact(*args, **kwargs)
+        if self.lose_compact:
+            self.lose_compact = False
+            raise pymongo.errors.AutoReconnect("connection reset after the compaction")
+
+
+def test_an_insert_whose_reply_was_lost_never_runs_and_its_id_is_not_given_again(url):
+    st = LostReplies(url)
+    writer = Writer(st, st.load())
+    writer.start()
+    outcome = []
+    st.lose_append = True
+    writer.insert_job(job(), lambda error, job_id: outcome.append(error))
+    ids = submit(writer, 1)
+    writer.stop(5)
+    assert outcome and outcome[0] is not None       # the caller was told it failed
+    assert ids == [1]
+    state = Store(url).load()
+    assert sorted(state["jobs"]) == [1] and state["next_job_id"] == 2
+
+
+def test_a_compaction_whose_reply_was_lost_is_used_and_nothing_after_it_is_lost(url, monkeypatch):
+    monkeypatch.setattr(writer_module, "COMPACT_MIN", 10)
+    st = LostReplies(url)
+    writer = Writer(st, st.load())
+    writer.start()
+    st.lose_compact = True
+    ids = submit(writer, 12)
+    for job_id in ids[:8]:
+        writer.end_job(job(job_id, state="COMPLETED"))
+    flush(writer)
+    wait_until(lambda: writer.gen == 2, timeout=30, what="the compaction to count")
+    ids += submit(writer, 2)                         # written to the new generation's journal
+    writer.stop(5)
+    assert sorted(Store(url).load()["jobs"]) == ids[8:] == list(range(8, 14))
+
+
+def test_a_change_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_kept(url):
+    st, writer = started_writer(url)
+    ids = submit(writer, 2)
+    errors = {}
+    writer.update_job(ids[0], {"reason": "ok"}, lambda error, _: errors.setdefault("good", error))
+    writer.update_job(ids[1], {"reason": {1, 2}}, lambda error, _: errors.setdefault("bad", error))   # no BSON
+    writer.end_job(job(ids[0], state="COMPLETED", reason="done"))
+    flush(writer)
+    writer.stop(5)
+    assert errors["good"] is None and errors["bad"] is not None
+    state = Store(url).load()
+    assert sorted(state["jobs"]) == [ids[1]] and state["jobs"][ids[1]]["reason"] == ""
+    assert [j["reason"] for j in Store(url).find_history([ids[0]])] == ["done"]
+
+
+def test_the_updates_of_one_job_in_one_batch_are_one_record(url):
+    st = Store(url)
+    writer = Writer(st, st.load())
+    outcomes = []
+    writer.insert_job(job(), lambda error, job_id: outcomes.append(job_id))
+    for rank in range(5):                 # queued before the thread runs: one batch
+        writer.update_job(0, {"ended_ranks": list(range(rank + 1)), "exit_code": rank},
+                          lambda error, _: outcomes.append(error))
+    writer.start()
+    flush(writer)
+    writer.stop(5)
+    assert outcomes == [0, None, None, None, None, None]
+    assert st.journal(1).count_documents({}) == 2          # the insert, and one merged update
+    state = Store(url).load()
+    assert state["jobs"][0]["ended_ranks"] == [0, 1, 2, 3, 4] and state["jobs"][0]["exit_code"] == 4

@@ -142,7 +142,7 @@ def fate_after_node_loss(job):
 
 def final_state(job):
     """The state a running job ends in once all its tasks have ended."""
-    if job.fate in (JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL):
+    if job.fate in (JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL, JobState.FAILED):
         return job.fate
     if job.exit_code == 0 and job.exit_signal is None:
         return JobState.COMPLETED

@@ -273,7 +273,7 @@ class Info(Message):
     """CLI -> head: nodes and/or jobs, for cminfo."""
     OP = Op.INFO
     FIELDS = {"nodes": Bool(), "jobs": Bool(), "all": Bool(), "job_ids": List(JOB_ID, max_len=10000),
-              "limit": Int(1, 100000)}
+              "limit": Int(1, 10000)}
     OPTIONAL = tuple(FIELDS)
 
 

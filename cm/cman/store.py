@@ -22,6 +22,8 @@ Journal records:
     {"s": seq, "t": "job", "id": N, "f": {fields}}   set fields of live job N (the first has them all)
     {"s": seq, "t": "end", "id": N, "f": {fields}}   job N ended with these final fields; it is
                                                      appended to the history right after
+    {"s": seq, "t": "void", "id": N, "f": {}}        job N's insert failed (it may still have been
+                                                     stored): it never runs
 Snapshot documents: {"t": "job", "id": N, "f": {fields}} and {"t": "meta", "next_job_id": N}.
 """
 import logging
@@ -122,13 +124,9 @@ class Store:
         gens = sorted(d["gen"] for d in self.db.generations.find({}))
         if not gens:
             return self._start_first_generation()
-        gen = gens[-1]
-        live, next_id = {}, 0
-        for doc in self.snapshot(gen).find({}):
-            if doc["t"] == "job":
-                live[doc["id"]] = doc["f"]
-            elif doc["t"] == "meta":
-                next_id = doc["next_job_id"]
+        if LEGACY_JOBS in self.db.list_collection_names():
+            self.db.drop_collection(LEGACY_JOBS)          # moved before the first generation was recorded
+        gen, live, next_id = self._read_snapshot(gens)
         records = sorted(self.journal(gen).find({}, projection={"_id": 0}), key=lambda r: r["s"])
         ended = {}
         for record in records:
@@ -139,12 +137,32 @@ class Store:
             elif record["t"] == "end":
                 live.pop(job_id, None)
                 ended[job_id] = record["f"]
+            elif record["t"] == "void":                   # an insert whose success was never known
+                live.pop(job_id, None)
+                next_id = max(next_id, job_id + 1)
         self.add_history(list(ended.values()))            # idempotent: what is there stays
         self._drop_other_generations(gen, gens)
         return {"nodes": self.load_nodes(), "jobs": {i: _job_fields(f) for i, f in live.items()},
                 "next_job_id": next_id, "gen": gen, "journal_len": len(records),
                 "seq": records[-1]["s"] + 1 if records else 0,
                 "ended": [_job_fields(ended[i]) for i in sorted(ended)]}
+
+    def _read_snapshot(self, gens):
+        """(gen, live jobs, next job id) of the newest recorded generation with a whole snapshot."""
+        for gen in reversed(gens):
+            live, next_id = {}, None
+            for doc in self.snapshot(gen).find({}):
+                if doc["t"] == "job":
+                    live[doc["id"]] = doc["f"]
+                elif doc["t"] == "meta":
+                    next_id = doc["next_job_id"]
+            if next_id is not None:
+                return gen, live, next_id
+            log.error("generation %d has no whole snapshot; reading the one before it", gen)
+        raise StoreError("no generation of the journal has a whole snapshot; the database is damaged")
+
+    def generation_exists(self, gen):
+        return self.db.generations.find_one({"_id": str(gen)}) is not None
 
     def _start_first_generation(self):
         """A new database, or one of the layout before journals (every job in one collection):
@@ -154,6 +172,9 @@ class Store:
         if legacy:
             batch = []
             for raw in self.db[LEGACY_JOBS].find({}):
+                if not isinstance(raw.get("job_id"), int) or not isinstance(raw.get("state"), str):
+                    log.error("left out a stored job without a job id or state: %.200r", raw)
+                    continue
                 fields = _job_fields(dict(raw, id=raw["job_id"]))
                 next_id = max(next_id, fields["id"] + 1)
                 if fields["state"] in ("PENDING", "RUNNING"):

@@ -40,18 +40,24 @@ TRANSIENT = (pymongo.errors.AutoReconnect, pymongo.errors.ConnectionFailure,
              pymongo.errors.ExecutionTimeout, pymongo.errors.WTimeoutError)
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0
 # Ops applied together: journal records in one insert, ended jobs in one more, node changes.
-BATCHED = frozenset({"update_job", "end_job", "save_node", "delete_node", "barrier"})
+BATCHED = frozenset({"update_job", "end_job", "void_job", "save_node", "delete_node", "barrier"})
 BATCH_MAX = 5000
 # The journal is compacted once it has this many records and twice as many as there are live jobs.
 COMPACT_MIN = 2000
 
 
+def private(fields):
+    """A copy the loop can no longer change: its lists (ended_ranks, node_list ...) are
+    appended to in place by the loop, while the writer encodes them on its own thread."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
 class Op:
-    __slots__ = ("method", "args", "done", "retry", "result", "record")
+    __slots__ = ("method", "args", "done", "retry", "result", "record", "error", "merged_into")
 
     def __init__(self, method, args, done, retry):
         self.method, self.args, self.done, self.retry = method, args, done, retry
-        self.result = self.record = None
+        self.result = self.record = self.error = self.merged_into = None
 
 
 class Worker:
@@ -104,7 +110,7 @@ class Reader(Worker):
             try:
                 op.result = getattr(self.store, op.method)(*op.args)
                 error = None
-            except pymongo.errors.PyMongoError as e:
+            except Exception as e:        # noqa: BLE001 - the thread must go on
                 log.warning("database read %s failed: %s", op.method, e)
                 error = e
             self._finish(op, error)
@@ -117,7 +123,7 @@ class Writer(Worker):
         self.store = store
         self.next_job_id = state["next_job_id"]   # owned by the thread once it runs
         self.gen, self.journal_len, self.seq = state["gen"], state["journal_len"], state["seq"]
-        self.live = {i: dict(f) for i, f in state["jobs"].items()}   # what the journal holds, for compaction
+        self.live = {i: private(f) for i, f in state["jobs"].items()}   # what the journal holds, for compaction
         self.finished = collections.deque()       # (op, error) and (None, available) for the loop
         self.available = True                     # as last seen by the thread
         self.wakeup = Wakeup()                    # the loop polls wakeup.fd for finished work
@@ -144,14 +150,14 @@ class Writer(Worker):
 
     def insert_job(self, fields, done):
         """Insert a new job; done(error, job_id) runs on the loop. Never retried: the caller is told."""
-        self._submit(Op("insert_job", (fields,), done, retry=False))
+        self._submit(Op("insert_job", (private(fields),), done, retry=False))
 
     def update_job(self, job_id, fields, done=None):
-        self._submit(Op("update_job", (job_id, fields), done, retry=True))
+        self._submit(Op("update_job", (job_id, private(fields)), done, retry=True))
 
     def end_job(self, fields, done=None):
         """The job has ended with these fields: out of the live jobs, into the history."""
-        self._submit(Op("end_job", (fields,), done, retry=True))
+        self._submit(Op("end_job", (private(fields),), done, retry=True))
 
     def save_node(self, name, fields, done=None):
         self._submit(Op("save_node", (name, fields), done, retry=True))
@@ -207,7 +213,7 @@ class Writer(Worker):
                 for _ in batch:
                     self.queue.popleft()
             for finished in batch:
-                self._finish(finished, error)
+                self._finish(finished, error or finished.error)
             if error is None:
                 self._compact_if_long()
 
@@ -223,32 +229,80 @@ class Writer(Worker):
 
     def _apply(self, batch):
         """Apply a batch (or one insert): journal records, then the history, then nodes.
-        Each record keeps its _id across retries, so a batch applied again adds nothing twice."""
-        try:
-            if batch[0].method == "insert_job":
-                return self._insert(batch[0])
-            history, nodes = [], {}
-            for op in batch:
-                if op.record is None:
-                    op.record = self._record(op)
-                if op.method == "end_job":
-                    history.append(op.args[0])
-                elif op.method in ("save_node", "delete_node"):
-                    nodes[op.args[0]] = op.args[1] if op.method == "save_node" else None
-            records = [op.record for op in batch if op.record]
-            self.store.append(self.gen, records)
-            self.store.add_history(history)
-            for name, fields in nodes.items():
-                if fields is None:
-                    self.store.delete_node(name)
-                else:
-                    self.store.save_node(name, fields)
-            self._fold(records)
+        Each record keeps its _id across retries, so a batch applied again adds nothing
+        twice. Returns a transient error (the batch is applied again later), or None: a
+        write the database refuses for itself is narrowed down to its op, which alone
+        fails, so that nothing durable is left out of the writer's view."""
+        if batch[0].method == "insert_job":
+            return self._insert(batch[0])
+        self._make_records(batch)
+        journaled = [op for op in batch if op.record]
+        error = self._each(journaled, lambda ops: self.store.append(self.gen, [op.record for op in ops]))
+        if error is not None:
+            return error
+        for op in batch:
+            if op.merged_into is not None:
+                op.error = op.merged_into.error
+        self._fold([op.record for op in journaled if op.error is None])
+        ended = [op for op in batch if op.method == "end_job" and op.error is None]
+        error = self._each(ended, lambda ops: self.store.add_history([op.args[0] for op in ops]))
+        if error is not None:
+            return error
+        for op in batch:
+            if op.method in ("save_node", "delete_node"):
+                error = self._each([op], lambda ops: self._node_write(ops[0]))
+                if error is not None:
+                    return error
+        return None
+
+    def _each(self, ops, write):
+        """write(ops); if the database refuses it for itself, write each op alone and keep
+        the refusal as that op's result (its error). Returns a transient error, or None."""
+        if not ops:
             return None
-        except pymongo.errors.PyMongoError as e:
-            if not isinstance(e, TRANSIENT):
-                log.error("database write of %d changes refused: %s", len(batch), e)
-            return e
+        try:
+            write(ops)
+            return None
+        except Exception as e:            # noqa: BLE001 - bson's errors are not pymongo's
+            if isinstance(e, TRANSIENT):
+                return e
+            if len(ops) == 1:
+                log.error("database %s refused: %s", ops[0].method, e)
+                ops[0].error = e
+                return None
+        for op in ops:
+            error = self._each([op], write)
+            if error is not None:
+                return error
+        return None
+
+    def _node_write(self, op):
+        if op.method == "delete_node":
+            self.store.delete_node(op.args[0])
+        else:
+            self.store.save_node(*op.args)
+
+    def _make_records(self, batch):
+        """Give each op of the batch its journal record, once (a retry reuses it). Later
+        updates of a job merge into the update record made for it in this batch: a wide
+        job's task ends are then one record, not one per node."""
+        fresh = {}                        # job id -> the op whose update record was made now
+        for op in batch:
+            if op.record is not None:
+                continue
+            if op.method not in ("update_job", "end_job", "void_job"):
+                op.record = False         # nodes and barriers have no record
+                continue
+            job_id = op.args[0]["id"] if op.method == "end_job" else op.args[0]
+            if op.method == "update_job" and job_id in fresh:
+                fresh[job_id].record["f"].update(op.args[1])
+                op.record, op.merged_into = False, fresh[job_id]
+                continue
+            op.record = self._record(op)
+            if op.method == "update_job":
+                fresh[job_id] = op
+            elif op.method in ("end_job", "void_job"):
+                fresh.pop(job_id, None)
 
     def _record(self, op):
         """The journal record of an op (False for ops that have none)."""
@@ -258,6 +312,8 @@ class Writer(Worker):
         if op.method == "end_job":
             fields = {k: v for k, v in op.args[0].items() if k != "env"}
             return self._next_record("end", fields["id"], fields)
+        if op.method == "void_job":
+            return self._next_record("void", op.args[0], {})
         return False
 
     def _next_record(self, kind, job_id, fields):
@@ -265,27 +321,36 @@ class Writer(Worker):
         return {"s": self.seq, "t": kind, "id": job_id, "f": fields}
 
     def _insert(self, op):
-        fields = dict(op.args[0], id=self.next_job_id)
+        """A new job's first record. Its id is used up even if the insert fails, and a failed
+        insert is followed by a void record: one whose reply was lost may still have been
+        stored, and it must neither run nor lend its id to the next job."""
+        job_id = self.next_job_id
+        fields = dict(op.args[0], id=job_id)
         try:
             check_job(fields)
         except mongoengine.errors.ValidationError as e:
             log.error("job refused, it cannot be stored: %s", e)
             return pymongo.errors.OperationFailure(f"the job cannot be stored: {e}")
-        # The id is used up even if the insert fails: one whose reply was lost may still have
-        # been stored, and the next job must not take its id.
         self.next_job_id += 1
-        record = self._next_record("job", fields["id"], fields)
-        self.store.append(self.gen, [record])
+        record = self._next_record("job", job_id, fields)
+        try:
+            self.store.append(self.gen, [record])
+        except Exception as e:            # noqa: BLE001 - bson's errors are not pymongo's
+            if not isinstance(e, TRANSIENT):
+                log.error("database insert of job %d refused: %s", job_id, e)
+            with self.cond:               # right behind this insert, before anything else
+                self.queue.insert(1, Op("void_job", (job_id,), None, retry=True))
+            return e
         self._fold([record])
-        op.result = fields["id"]
+        op.result = job_id
         return None
 
     def _fold(self, records):
         """Keep the live jobs as the journal now holds them."""
         for record in records:
             if record["t"] == "job":
-                self.live.setdefault(record["id"], {}).update(record["f"])
-            else:
+                self.live.setdefault(record["id"], {}).update(private(record["f"]))
+            else:                         # "end" and "void": no longer live
                 self.live.pop(record["id"], None)
         self.journal_len += len(records)
 
@@ -295,13 +360,28 @@ class Writer(Worker):
         started = time.monotonic()
         try:
             self.store.compact(self.gen + 1, self.live, self.next_job_id, old_gen=self.gen)
-        except pymongo.errors.PyMongoError as e:
-            log.warning("journal compaction failed (tried again after the next writes): %s", e)
-            return
+        except Exception as e:            # noqa: BLE001
+            # Its commit point is the generations document: if that was written (and only the
+            # reply or the clean-up failed), the new generation is current and must be used.
+            if not self._committed(self.gen + 1):
+                log.warning("journal compaction failed (tried again after the next writes): %s", e)
+                return
+            log.warning("journal compaction done, but for dropping the old generation: %s", e)
         log.info("journal of %d records compacted into a snapshot of %d live jobs in %.0f ms",
                  self.journal_len, len(self.live), (time.monotonic() - started) * 1000)
         self.gen += 1
         self.journal_len = 0
+
+    def _committed(self, gen):
+        """Whether generation gen is recorded complete; asks until the database answers."""
+        pause = RETRY_FIRST
+        while True:
+            try:
+                return self.store.generation_exists(gen)
+            except Exception as e:        # noqa: BLE001
+                self._set_available(False, e)
+                time.sleep(pause)
+                pause = min(pause * 2, RETRY_MAX)
 
     def _probe(self):
         try:

@@ -17,7 +17,7 @@ def parser():
     p.add_argument("--nodes", action="store_true", help="only the nodes")
     p.add_argument("--jobs", action="store_true", help="only the jobs")
     p.add_argument("--all", action="store_true", help="the latest ended jobs too")
-    p.add_argument("--limit", type=whole_number(1), default=100,
+    p.add_argument("--limit", type=whole_number(1, 10000), default=100,
                    help="with --all: how many ended jobs, newest first (default: %(default)s)")
     p.add_argument("-j", "--job", action="append", default=[], metavar="JOBID",
                    help="only these jobs (repeat, or separate with commas)")

@@ -102,14 +102,15 @@ def configured_default(setting):
     return f"{shown}, from {settings.origin(setting)}"
 
 
-def whole_number(minimum):
+def whole_number(minimum, maximum=None):
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"want a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"want a whole number >= {minimum}, got {text!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            want = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"want a whole number {want}, got {text!r}")
         return value
     return parse
 

@@ -223,8 +223,10 @@ class CliApi:
             self.add_waiter(job_id, caller)
         elif self.queue.exists(job_id):
             def done(error, stored):
-                if error is not None or not stored:
+                if error is not None:
                     self.out.reply(caller, Refused(error=UNAVAILABLE))
+                elif not stored:          # its insert failed, or it is not yet in the history
+                    self.out.reply(caller, Refused(error=f"job {job_id}: no such job"))
                 else:
                     self.out.reply(caller, JobEnded(job=Job(**stored[0]).view(self.wall())))
             self.out.writer.read("find_history", ([job_id],), done)

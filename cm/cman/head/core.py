@@ -77,7 +77,7 @@ class Core:
         # predecessor's tasks as lost.
         if msg.ended:
             self.on_task_ended(name, messages.TaskEnded(ended=msg.ended))
-        self.queue.resend_missing(node, msg.running)
+        self.queue.reconcile(node, msg.running)
 
     def on_heartbeat(self, name, msg):
         node = self.nodes.get(name)

@@ -120,12 +120,16 @@ class JobQueue:
         for name in names:
             self.allocate(job, name)
         attempt = job.attempt
-        self.write_job(job, changed, then=lambda error, _: self.launch(job, attempt))
+        self.write_job(job, changed, then=lambda error, _: self.launch(job, attempt, error))
 
-    def launch(self, job, attempt):
+    def launch(self, job, attempt, error=None):
         if job.state != JobState.RUNNING or job.attempt != attempt:
             return                        # lost or requeued while it was being recorded
         job.launched = True
+        if error is not None:             # its start could not be recorded: it must not run
+            log.error("job %d: the database refused to record its start (%s); it fails", job.id, error)
+            lifecycle.set_fate(job, JobState.FAILED)
+            job.reason = "the database refused to record its start"
         if job.fate is not None:          # cancelled (or doomed) before it could start
             for name in list(job.outstanding):
                 self.end_outstanding(job, name, EndCause.KILLED)
@@ -140,10 +144,12 @@ class JobQueue:
             nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
             env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit))
 
-    def resend_missing(self, node, running):
-        """A node registered again saying what it runs: a task the head expects and the
+    def reconcile(self, node, running):
+        """A node registered (again) saying what it runs. A task the head expects and the
         node does not mention never reached it (a head stopped between recording a
-        launch and sending it), so it is sent again."""
+        launch and sending it), so it is sent again; a task the node runs and the head
+        does not expect (an earlier attempt, a job that ended while the node was away)
+        is killed, so that no job runs twice at once."""
         running = {(k["job"], k["attempt"], k["rank"]) for k in running}
         for job_id in sorted(node.jobs):
             job = self.jobs[job_id]
@@ -153,6 +159,15 @@ class JobQueue:
             if missing:
                 log.warning("node %s never received ranks %s of job %d; sending them again", node.name, missing, job.id)
                 self.send_launch(job, job.node_list.index(node.name), missing)
+        strays = set()
+        for job_id, attempt, rank in running:
+            job = self.jobs.get(job_id)
+            if job is None or job.attempt != attempt or rank not in job.outstanding.get(node.name, ()):
+                strays.add((job_id, attempt))
+        for job_id, attempt in sorted(strays):
+            log.warning("node %s runs tasks of job %d attempt %d that should not run; killing them",
+                        node.name, job_id, attempt)
+            self.out.send(node.name, messages.Kill(job=job_id, attempt=attempt, reason="not expected by the head"))
 
     # ---- stopping and ending ----
 
