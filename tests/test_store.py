@@ -145,7 +145,8 @@ def test_an_end_recorded_in_the_journal_but_not_yet_in_the_history_is_appended_a
     st, writer = started_writer(url)
     submit(writer, 2)
     writer.stop(5)
-    st.append(1, [{"s": 100, "t": "end", "id": 0, "f": job(0, state="FAILED", exit_code=3, end_time=9.0)}])
+    last = max(r["s"] for r in st.journal(1).find({}))
+    st.append(1, [{"s": last + 1, "t": "end", "id": 0, "f": job(0, state="FAILED", exit_code=3, end_time=9.0)}])
     state = Store(url).load()
     assert sorted(state["jobs"]) == [1]
     assert [(j["id"], j["exit_code"]) for j in Store(url).find_history([0])] == [(0, 3)]

@@ -122,7 +122,10 @@ class Writer(Worker):
         super().__init__("cm-writer", self._post)
         self.store = store
         self.next_job_id = state["next_job_id"]   # owned by the thread once it runs
-        self.gen, self.journal_len, self.seq = state["gen"], state["journal_len"], state["seq"]
+        self.gen, self.journal_len = state["gen"], state["journal_len"]
+        # Sequence numbers start above any a stopped head could still have in flight (an insert
+        # the database applies after this head has loaded): microseconds of the wall clock.
+        self.seq = max(state["seq"], int(time.time() * 1e6))
         self.live = {i: private(f) for i, f in state["jobs"].items()}   # what the journal holds, for compaction
         self.finished = collections.deque()       # (op, error) and (None, available) for the loop
         self.available = True                     # as last seen by the thread
