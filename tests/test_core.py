@@ -136,6 +136,20 @@ def submit(core, caller, request_id="r1", **fields):
 ALICE, BOB = Caller(424201), Caller(424202)
 
 
+def placed_job(core, writer, clock, **fields):
+    """Node node1 up, and ALICE's job 0 accepted and placed there; its RUNNING record is queued."""
+    register(core)
+    submit(core, ALICE, **fields)
+    writer.complete()
+    core.tick(clock.now)
+
+
+def running_job(core, writer, clock, **fields):
+    """... and recorded RUNNING, so launched."""
+    placed_job(core, writer, clock, **fields)
+    writer.complete()
+
+
 def test_a_job_is_launched_only_once_running_is_durable_and_its_node_lost_ends_it_node_fail():
     core, out, writer, clock = new_core()
     register(core)
@@ -190,10 +204,7 @@ def test_a_retried_submit_under_the_same_request_id_makes_one_job():
 
 def test_a_head_stopped_between_recording_a_launch_and_sending_it_sends_it_after_its_restart():
     core, out, writer, clock = new_core()
-    register(core)
-    submit(core, ALICE)
-    writer.complete()
-    core.tick(clock.now)
+    placed_job(core, writer, clock)
     writer.complete(callbacks=False)                  # RUNNING is durable; the head dies before sending
     assert out.sent_ops(Op.LAUNCH) == []
     core, out, writer, clock = new_core(FakeWriter(writer.state()))
@@ -205,10 +216,7 @@ def test_a_head_stopped_between_recording_a_launch_and_sending_it_sends_it_after
 
 def test_a_head_stopped_before_a_launch_was_recorded_starts_the_job_once_after_its_restart():
     core, out, writer, clock = new_core()
-    register(core)
-    submit(core, ALICE)
-    writer.complete()
-    core.tick(clock.now)                              # placed; RUNNING queued, not durable
+    placed_job(core, writer, clock)                   # RUNNING queued, not durable
     writer.ops.clear()                                # the head dies: the write never happened
     core, out, writer, clock = new_core(FakeWriter(writer.state()))
     assert core.queue.get(0).state == "PENDING"
@@ -220,11 +228,7 @@ def test_a_head_stopped_before_a_launch_was_recorded_starts_the_job_once_after_i
 
 def test_task_ends_are_acknowledged_once_recorded_and_end_the_job_with_the_highest_exit_code():
     core, out, writer, clock = new_core()
-    register(core)
-    submit(core, ALICE, procs_per_node=2)
-    writer.complete()
-    core.tick(clock.now)
-    writer.complete()
+    running_job(core, writer, clock, procs_per_node=2)
     ends = [messages.task_end((0, 0, 0), EndCause.EXITED, exit_code=0),
             messages.task_end((0, 0, 1), EndCause.EXITED, exit_code=5)]
     core.on_compute("node1", messages.TaskEnded(ended=ends))
@@ -274,11 +278,7 @@ def test_a_node_changes_state_only_as_the_transitions_allow():
 
 def test_tasks_a_node_runs_that_the_head_does_not_expect_are_killed_when_it_registers():
     core, out, writer, clock = new_core()
-    register(core)
-    submit(core, ALICE)
-    writer.complete()
-    core.tick(clock.now)
-    writer.complete()
+    running_job(core, writer, clock)
     # The node comes back (after a partition) still running job 0 attempt 0, and a job
     # that ended while it was away.
     register(core, running=[{"job": 0, "attempt": 0, "rank": 0}, {"job": 7, "attempt": 0, "rank": 0}])
@@ -288,10 +288,7 @@ def test_tasks_a_node_runs_that_the_head_does_not_expect_are_killed_when_it_regi
 
 def test_a_start_the_database_refuses_to_record_never_runs_and_the_job_fails():
     core, out, writer, clock = new_core()
-    register(core)
-    submit(core, ALICE)
-    writer.complete()
-    core.tick(clock.now)
+    placed_job(core, writer, clock)
     writer.complete(refuse=("update_job",))
     assert out.sent_ops(Op.LAUNCH) == []
     job = core.queue.get(0)
