@@ -4,6 +4,7 @@ import os
 import pwd
 import signal
 import subprocess
+import tempfile
 
 import pytest
 
@@ -257,3 +258,46 @@ def test_a_task_that_ends_takes_what_it_left_running_with_it(cluster, workdir):
     pid = int(open(os.path.join(workdir, "left")).read())
     wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z",
                what="the process the task left to be gone")
+
+
+def test_a_link_planted_where_the_logs_go_is_not_followed(cluster, workdir):
+    nobody, run_as_nobody = as_nobody(cluster)
+    os.chown(workdir, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(cluster.dir, 0o755)
+    victim = os.path.join(cluster.dir, "victim")
+    with open(victim, "w") as f:
+        f.write("root's own\n")
+    os.chmod(victim, 0o644)
+    # The attacker plants links under the ids the next jobs will get.
+    last = int(run_as_nobody("cmrun", "--wait", "true", cwd=workdir).stdout)
+    for job_id in range(last + 1, last + 4):
+        os.makedirs(os.path.join(workdir, "cmlogs", str(job_id)), exist_ok=True)
+        os.symlink(victim, os.path.join(workdir, "cmlogs", str(job_id), "0.out"))
+        os.symlink(victim, os.path.join(workdir, "cmlogs", str(job_id), "0.err"))
+    subprocess.run(["chown", "-R", "-h", f"{nobody.pw_uid}:{nobody.pw_gid}", os.path.join(workdir, "cmlogs")],
+                   check=True)
+    proc = run_as_nobody("cmrun", "--wait", "echo", "pwned", cwd=workdir)
+    assert proc.returncode != 0
+    job = cluster.job(int(proc.stdout))
+    assert job["state"] == "FAILED" and "cannot write logs" in job["reason"], job
+    with open(victim) as f:
+        assert f.read() == "root's own\n"
+    assert os.stat(victim).st_uid == 0
+
+
+def test_a_working_directory_is_entered_as_the_user(cluster, workdir):
+    nobody, run_as_nobody = as_nobody(cluster)
+    os.chmod(cluster.dir, 0o755)
+    private = tempfile.mkdtemp(prefix="private-", dir=cluster.dir)    # root's, 0700
+    with open(os.path.join(private, "notes.txt"), "w") as f:
+        f.write("secret\n")
+    proc = run_as_nobody("cmrun", "--wait", "-D", private, "cat", "notes.txt", cwd="/tmp")
+    assert proc.returncode != 0
+    job = cluster.job(int(proc.stdout))
+    assert job["state"] == "FAILED"
+    assert job["reason"] == f"rank 0 on node1: cannot enter working directory {private}: Permission denied"
+    assert not os.path.exists(os.path.join(private, "cmlogs"))
+    # Nor does a directory the user may not write get a cmlogs/ of theirs.
+    proc = run_as_nobody("cmrun", "--wait", "-D", "/etc", "true", cwd="/tmp")
+    assert "cannot write logs under /etc/cmlogs: Permission denied" in cluster.job(int(proc.stdout))["reason"]
+    assert not os.path.exists("/etc/cmlogs")

@@ -6,6 +6,13 @@ process group, in the job's working directory, with its output in
 it as the submitting user (uid, gid, groups); one running as an ordinary user
 runs only that user's jobs. Stopping a task signals its whole process group:
 SIGTERM, then SIGKILL after the grace period. No process is left unreaped.
+
+Nothing of a user's paths is touched as root: the child switches to the
+user first, and only then enters the working directory, makes cmlogs/ and
+opens the log files (never through a link), so that a user reaches only
+what the user could reach anyway. What goes wrong there (a directory the
+user may not enter, logs that cannot be written, a command that cannot
+run) comes back to the daemon through a pipe, as the task's launch failure.
 """
 import ctypes
 import errno
@@ -39,6 +46,9 @@ def _die_with_daemon():
 
 log = logging.getLogger("cm.tasks")
 
+# Above every descriptor the daemon may hold (closerange stops at the real limit).
+MAX_FD = 1 << 20
+
 
 class Task:
     def __init__(self, key, proc, start, time_limit):
@@ -71,6 +81,52 @@ def task_env(spec, rank, local_rank, node_name):
         "CM_NODELIST": ",".join(spec.nodelist),
     })
     return env
+
+
+class TaskChild:
+    """What the forked child does, as the user (subprocess has switched uid, gid and
+    groups before it calls run): enter the working directory, open the logs, exec the
+    command itself (what subprocess would exec is never reached). It runs between fork
+    and exec, so it makes system calls only (no logging, no locks); a failure is written
+    to the report pipe and ends the child."""
+
+    def __init__(self, spec, rank, env, report_fd):
+        self.spec, self.rank, self.env, self.report_fd = spec, rank, env, report_fd
+
+    def fail(self, code, message):
+        os.write(self.report_fd, f"{code}\t{message}".encode(errors="replace")[:4000])
+        os._exit(code)
+
+    def run(self):
+        _die_with_daemon()                # after the switch of user, which would clear it
+        spec = self.spec
+        try:
+            os.chdir(spec.workdir)
+        except OSError as e:
+            self.fail(1, f"cannot enter working directory {spec.workdir}: {e.strerror}")
+        directory = f"cmlogs/{spec.job}"
+        try:
+            for path in ("cmlogs", directory):
+                try:
+                    os.mkdir(path, 0o755)
+                except FileExistsError:
+                    pass
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+            out = os.open(f"{directory}/{self.rank}.out", flags, 0o644)
+            err = os.open(f"{directory}/{self.rank}.err", flags, 0o644)
+        except OSError as e:
+            self.fail(1, f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.closerange(3, self.report_fd)  # nothing of the daemon's reaches the task
+        os.closerange(self.report_fd + 1, MAX_FD)
+        try:
+            os.execvpe(spec.argv[0], spec.argv, self.env)
+        except OSError as e:
+            # No such command (127, as a shell says) or not executable (126).
+            message = f"cannot run {spec.argv[0]!r}: {e.strerror}"
+            os.write(2, f"cm: {message}\n".encode(errors="replace"))
+            self.fail(127 if e.errno == errno.ENOENT else 126, message)
 
 
 class Runner:
@@ -111,32 +167,29 @@ class Runner:
         if not self.as_root and spec.uid != os.geteuid():
             return (f"this compute daemon runs as uid {os.geteuid()} and cannot run a job of uid {spec.uid}; "
                     "run it as root to serve several users")
-        if not os.path.isdir(spec.workdir):
-            return f"working directory {spec.workdir} does not exist on {self.node_name}"
         return None
 
     def _start(self, spec, key, local_rank):
         rank = key[2]
-        try:
-            out, err = self._open_logs(spec, rank)
-        except OSError as e:
-            return task_end(key, EndCause.LAUNCH_FAILED, 1, None,
-                              f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
         identity = {}
         if self.as_root and spec.uid != 0:
-            identity = dict(user=spec.uid, group=spec.gid, extra_groups=self._groups(spec), umask=0o022)
+            identity = dict(user=spec.uid, group=spec.gid, extra_groups=self._groups(spec))
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        child = TaskChild(spec, rank, task_env(spec, rank, local_rank, self.node_name), report_w)
         try:
-            with out, err:
-                proc = subprocess.Popen(
-                    spec.argv, cwd=spec.workdir, env=task_env(spec, rank, local_rank, self.node_name),
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    start_new_session=True, close_fds=True, preexec_fn=_die_with_daemon, **identity)
-        except OSError as e:
-            # No such command (127, as a shell says) or not executable (126).
-            code = 127 if e.errno == errno.ENOENT else 126
-            message = f"cannot run {spec.argv[0]!r}: {e.strerror}"
-            self._note_in_err(spec, rank, message)
-            return task_end(key, EndCause.LAUNCH_FAILED, code, None, message)
+            proc = subprocess.Popen(["cm-task"], stdin=subprocess.DEVNULL, start_new_session=True, umask=0o022,
+                                    close_fds=True, preexec_fn=child.run, **identity)
+        except (OSError, subprocess.SubprocessError) as e:
+            os.close(report_r)
+            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e}")
+        finally:
+            os.close(report_w)
+        with os.fdopen(report_r, "rb") as pipe:
+            failure = pipe.read(4096)     # EOF at the task's exec; a report if it never got there
+        if failure:
+            proc.wait()
+            code, _, message = failure.decode(errors="replace").partition("\t")
+            return task_end(key, EndCause.LAUNCH_FAILED, int(code), None, message)
         task = Task(key, proc, self.clock(), spec.time_limit)
         self.tasks[key] = task
         self.by_pid[task.pid] = task
@@ -149,25 +202,6 @@ class Runner:
         except KeyError:
             return [spec.gid]             # a uid unknown here: its primary group only
 
-    def _open_logs(self, spec, rank):
-        top = os.path.join(spec.workdir, "cmlogs")
-        directory = os.path.join(top, str(spec.job))
-        made = [d for d in (top, directory) if _mkdir(d)]
-        paths = [os.path.join(directory, f"{rank}.{kind}") for kind in ("out", "err")]
-        files = [open(p, "wb") for p in paths]
-        if self.as_root and spec.uid != 0:
-            # Made by root on the user's behalf: hand over what we made, and
-            # only that (a shared cmlogs/ keeps its owner).
-            for p in (*made, *paths):
-                os.chown(p, spec.uid, spec.gid)
-        return files
-
-    def _note_in_err(self, spec, rank, message):
-        try:
-            with open(os.path.join(spec.workdir, "cmlogs", str(spec.job), f"{rank}.err"), "a") as f:
-                f.write(f"cm: {message}\n")
-        except OSError:
-            pass
 
     # ---- stop ----
 
@@ -271,15 +305,6 @@ def _signal_group(pgid, sig):
         pass
     except PermissionError as e:
         log.warning("cannot signal process group %d: %s", pgid, e)
-
-
-def _mkdir(path):
-    """Make a directory; True if this call made it (another rank may race us to it)."""
-    try:
-        os.mkdir(path)
-        return True
-    except FileExistsError:
-        return False
 
 
 def stop_leftover(pid, create_time):
