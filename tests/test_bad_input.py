@@ -229,3 +229,46 @@ def test_a_compute_daemon_of_another_protocol_version_is_refused_with_what_to_up
     with open(os.path.join(cluster.dir, "head.log")) as f:
         assert ("refused node oldnode: node oldnode speaks cm protocol version 0 and this daemon 1: "
                 "upgrade cm on node oldnode") in f.read()
+
+
+def test_an_environment_that_is_not_utf8_is_refused_naming_the_variable_and_the_head_keeps_serving(cluster, workdir):
+    env = dict(cluster.env)
+    proc = subprocess.run(["bash", "-c", f"export CM_BAD=$'\\xff\\xfe'; exec {BIN}/cmrun true"], cwd=workdir,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("cmrun: error: environment variable 'CM_BAD' is not UTF-8 text, "
+                                   "and cm carries text only (unset or re-encode it)")
+    # Another client that sends it anyway is refused by the head, which goes on.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(cluster.env["CM_SOCKET"])
+        s.sendall(b'{"v":1,"op":"submit","id":"x1","argv":["true"],"workdir":"/tmp","env":["A=\\udcff"]}\n')
+        answer = json.loads(s.makefile().readline())
+    assert answer["ok"] is False and "not UTF-8 text" in answer["error"]
+    assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0
+
+
+def test_exported_shell_functions_and_multi_line_values_are_carried(cluster, workdir):
+    script = (f"greet() {{ echo hello $1; }}; export -f greet; export MULTI=$'one\\ntwo'; "
+              f"exec {BIN}/cmrun --wait -- bash -c 'greet cm; echo \"$MULTI\"'")
+    proc = subprocess.run(["bash", "-c", script], cwd=workdir, env=cluster.env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(workdir, "cmlogs", proc.stdout.strip(), "0.out")) as f:
+        assert f.read() == "hello cm\none\ntwo\n"
+
+
+def test_a_job_too_large_to_send_to_a_node_is_refused_at_submission(cluster, workdir):
+    from cman.vocab import MAX_MESSAGE_BYTES
+    base = len(json.dumps([f"{k}={v}" for k, v in cluster.env.items()]))
+    fill, env = MAX_MESSAGE_BYTES - 2500 - base, dict(cluster.env)
+    for i in range(fill // 60_000 + 1):             # cm takes variables of up to 64 Ki characters
+        env[f"BIG{i}"] = "x" * min(60_000, fill - i * 60_000 - 10)
+    proc = subprocess.run([os.path.join(BIN, "cmrun"), "true"], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=30)        # under the request's limit, over the launch's
+    assert proc.returncode == 1
+    assert "job refused: its command, environment and node list take" in proc.stderr, proc.stderr
+    # 360 kB of UTF-8 stays 360 kB on the wire (as \\u escapes it was over 1 MB).
+    wide = dict(cluster.env, WIDE1="é" * 60_000, WIDE2="é" * 60_000, WIDE3="é" * 60_000)
+    proc = subprocess.run([os.path.join(BIN, "cmrun"), "--wait", "--", "sh", "-c", 'echo ${#WIDE1}'], cwd=workdir,
+                          env=wide, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

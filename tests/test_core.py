@@ -110,11 +110,11 @@ class Clock:
         return self.now
 
 
-def new_core(writer=None):
+def new_core(writer=None, cfg=CFG):
     writer = writer or FakeWriter()
     clock = Clock()
     out = FakeOut(writer)
-    core = Core(CFG, out, clock, wall=lambda: 1e9 + clock.now)
+    core = Core(cfg, out, clock, wall=lambda: 1e9 + clock.now)
     restore(core, writer.state())
     return core, out, writer, clock
 
@@ -294,3 +294,72 @@ def test_a_start_the_database_refuses_to_record_never_runs_and_the_job_fails():
     job = core.queue.get(0)
     assert job.state == "FAILED" and job.reason == "the database refused to record its start"
     assert core.nodes["node1"].alloc_cpus == 0
+
+
+def test_a_request_id_used_again_for_another_op_is_another_request_and_nothing_crashes():
+    core, out, writer, clock = new_core()
+    register(core)
+    request(core, ALICE, Op.CANCEL, "same", job_ids=[5])
+    writer.complete()
+    submit(core, ALICE, "same", wait=True)            # the same id, another op
+    writer.complete()
+    assert out.replies[-1][1] == {"ok": True, "job_id": 0}
+    request(core, ALICE, Op.WAIT, "same", job_id=0)
+    request(core, ALICE, Op.INFO, "same")
+    assert out.replies[-1][1]["ok"] is True
+
+
+def test_a_cancel_of_a_running_job_is_recorded_before_the_answer_and_survives_a_head_restart():
+    core, out, writer, clock = new_core()
+    running_job(core, writer, clock)
+    request(core, ALICE, Op.CANCEL, "c1", job_ids=[0])
+    answered = len(out.replies)
+    assert [m for m, *_ in writer.ops] == ["update_job", "barrier"]
+    writer.complete()
+    assert len(out.replies) == answered + 1 and out.replies[-1][1]["results"][0]["state"] == "CANCELLING"
+    # The head restarts before the node reports the end; the node still runs the task.
+    core, out, writer, clock = new_core(FakeWriter(writer.state()))
+    register(core, running=[{"job": 0, "attempt": 0, "rank": 0}])
+    assert [(name, msg.job) for name, msg in out.sent_ops(Op.KILL)] == [("node1", 0)]
+    core.on_compute("node1", messages.TaskEnded(ended=[messages.task_end((0, 0, 0), EndCause.KILLED, signal=15)]))
+    writer.complete()
+    assert core.queue.get(0).state == "CANCELLED"
+
+
+def test_a_cancel_wins_over_a_requeue_decided_before_it():
+    core, out, writer, clock = new_core()
+    register(core, "node1")
+    register(core, "node2")
+    submit(core, ALICE, nodes=2, retries=1)
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    clock.now += 2
+    core.on_compute("node2", messages.Heartbeat(load=0, cpu_percent=0, mem_used_mb=0))
+    clock.now += 1.5                                  # node1 silent past the time-out, node2 not
+    core.tick(clock.now)
+    assert core.nodes["node1"].state == NodeState.DOWN and core.queue.get(0).fate == "REQUEUE"
+    request(core, ALICE, Op.CANCEL, "c1", job_ids=[0])
+    writer.complete()
+    core.on_compute("node2", messages.TaskEnded(ended=[messages.task_end((0, 0, 1), EndCause.KILLED, signal=15)]))
+    writer.complete()
+    assert core.queue.get(0).state == "CANCELLED"      # not requeued to run again
+
+
+def test_a_user_past_max_active_jobs_per_user_is_refused_and_others_are_not():
+    cfg = config.load({"CM_MAX_ACTIVE_JOBS_PER_USER": "2"}, site_file=None)
+    core, out, writer, clock = new_core(cfg=cfg)
+    register(core, cpus=1)
+    for i in range(3):
+        submit(core, ALICE, f"a{i}")
+        writer.complete()
+    assert out.replies[-1][1] == {"ok": False, "error": "job refused: 424201 has 2 pending and running jobs, "
+                                  "the most one user may have (max_active_jobs_per_user)"}
+    submit(core, BOB, "b0")
+    writer.complete()
+    assert out.replies[-1][1]["ok"] is True
+    request(core, ALICE, Op.CANCEL, "c", job_ids=[1])  # one fewer: room again
+    writer.complete()
+    submit(core, ALICE, "a3")
+    writer.complete()
+    assert out.replies[-1][1] == {"ok": True, "job_id": 3}

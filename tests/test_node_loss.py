@@ -90,3 +90,25 @@ def test_a_stopping_compute_daemon_takes_its_tasks_and_their_jobs_fail_or_requeu
     job = c.wait_state(plain, "NODE_FAIL", timeout=10)
     assert "its compute daemon stopped" in job["reason"]
     assert gone(tasks)
+
+
+def test_a_state_file_of_an_earlier_boot_makes_root_kill_nothing(own_cluster):
+    import json
+    import subprocess
+    c = own_cluster
+    # A process of someone else's, alone in its process group, as a task of an earlier boot could name.
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        c.ok("cmcluster", "stop", "node1", "--dir", c.dir)
+        created = psutil.Process(bystander.pid).create_time()
+        state = {"boot_id": "an-earlier-boot", "ended": [],
+                 "running": [{"job": 99, "attempt": 0, "rank": 0, "pid": bystander.pid, "create_time": created}]}
+        with open(os.path.join(c.dir, "state", "node1.json"), "w") as f:
+            json.dump(state, f)
+        c.ok("cmcluster", "start", "node1", "--dir", c.dir)
+        wait_until(lambda: c.node_states()["node1"] == "UP", what="node1 back")
+        assert c.cm("cmrun", "-n", "3", "--wait", "true").returncode == 0
+        assert bystander.poll() is None, "a process named by a state file of another boot was killed"
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -48,7 +48,7 @@ class Connection:
     def send(self, op, request_id=None, **fields):
         request = {"v": PROTOCOL_VERSION, "op": op, "id": request_id or new_request_id(), **fields}
         try:
-            self.sock.sendall(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+            self.sock.sendall(json.dumps(request, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
         except OSError as e:
             raise Unreachable(f"lost the head at {self.path} while sending: {e.strerror or e}") from None
 

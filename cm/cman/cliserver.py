@@ -79,7 +79,7 @@ class CliServer:
         if caller.closed:
             return
         body = {"v": PROTOCOL_VERSION, **body}
-        caller.outbuf += json.dumps(body, separators=(",", ":")).encode() + b"\n"
+        caller.outbuf += json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
         caller.close_when_sent = last
         self._flush(caller)
 

@@ -28,9 +28,18 @@ from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
 from .tasks import Runner, become_subreaper, stop_leftover
-from .vocab import EndCause, Op
+from .vocab import MAX_MESSAGE_BYTES, EndCause, Op
 
 log = logging.getLogger("cm.compute")
+
+
+def boot_id():
+    """This boot of the machine (a state file of another boot names processes that are gone)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 class Compute:
@@ -89,6 +98,10 @@ class Compute:
         except (OSError, ValueError) as e:
             log.warning("ignoring unreadable state file %s: %s", self.state_path, e)
             state = {}
+        rebooted = state.get("boot_id") not in (None, boot_id())
+        if rebooted and state.get("running"):
+            log.warning("the node restarted since %s was written: its %d tasks are gone, and nothing is killed "
+                        "(their process ids may belong to others now)", self.state_path, len(state["running"]))
         for entry in state.get("running", []):
             try:
                 key = (messages.JOB_ID("job", entry["job"]), messages.ATTEMPT("attempt", entry["attempt"]),
@@ -97,7 +110,7 @@ class Compute:
             except (BadMessage, KeyError, TypeError):
                 log.warning("ignoring a bad task entry in %s: %r", self.state_path, entry)
                 continue
-            if stop_leftover(pid, entry.get("create_time")):
+            if not rebooted and stop_leftover(pid, entry.get("create_time")):
                 log.warning("job %d rank %d (pid %d) was left by the previous daemon; killed", key[0], key[2], pid)
             self.unacked[key] = messages.task_end(key, EndCause.LOST, message="its compute daemon restarted")
         for report in state.get("ended", []):
@@ -114,7 +127,7 @@ class Compute:
         tmp = self.state_path + ".tmp"
         try:
             with open(tmp, "w") as f:
-                json.dump({"running": running, "ended": list(self.unacked.values())}, f)
+                json.dump({"boot_id": boot_id(), "running": running, "ended": list(self.unacked.values())}, f)
             os.replace(tmp, self.state_path)
         except OSError as e:
             log.error("cannot write %s: %s", self.state_path, e)
@@ -126,6 +139,7 @@ class Compute:
         self.socket = self.ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, self.name.encode("ascii"))
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)   # nothing larger is buffered
         if self.cfg.keys_dir:
             keys.connect_securely(self.socket, self.cfg.keys_dir)
         self.socket.connect(self.endpoint)

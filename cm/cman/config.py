@@ -93,6 +93,7 @@ SCHEMA = {
     "default_time": (units.parse_time_limit, units.TIME_FORMS + " (0: unlimited)"),
     "default_retries": (_count(0), "a whole number >= 0"),
     "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
+    "max_active_jobs_per_user": (_count(0), "a whole number >= 0 (0: no limit)"),
     "state_dir": (_absolute, "an absolute path"),
     "status_file": (_optional_path, "an absolute path, or nothing"),
     "log_level": (_level, "debug, info, warning or error"),

@@ -23,7 +23,7 @@ STORED_FIELDS = (
     "id", "name", "user", "uid", "gid", "argv", "workdir", "env",
     "nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "retries",
     "submit_time", "start_time", "end_time", "state", "reason",
-    "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id",
+    "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate",
 )
 
 
@@ -43,8 +43,8 @@ class Job:
         self.attempt = 0
         self.ended_ranks = []
         self.request_id = None
-        self.__dict__.update(fields)
-        self.fate = None               # first cause to end a RUNNING job (a JobState, or REQUEUE)
+        self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
+        self.__dict__.update(fields)   # cancel asked before a head restart still ends it after
         self.launched = self.state == JobState.RUNNING   # a job stored RUNNING was launched
         self.outstanding = {}          # node name -> ranks not yet reported ended
         if self.state == JobState.RUNNING:
@@ -99,7 +99,7 @@ def transition(job, new_state, now, reason=""):
         job.retries -= 1
         job.node_list, job.ended_ranks, job.outstanding, job.fate = [], [], {}, None
         job.start_time = None
-        return {"state", "reason", "attempt", "retries", "node_list", "ended_ranks", "start_time"}
+        return {"state", "reason", "attempt", "retries", "node_list", "ended_ranks", "start_time", "fate"}
     # PENDING -> CANCELLED, or RUNNING -> a final state: every task has ended.
     job.end_time = now
     job.outstanding = {}
@@ -128,8 +128,10 @@ def record_task_end(job, node, rank, cause, exit_code, signal):
 
 
 def set_fate(job, fate):
-    """Record what ends a running job; the first cause wins. Returns True if it was set."""
-    if job.fate is None:
+    """Record what ends a running job; the first cause wins, but for a cancel, which
+    wins over a requeue (the user's word: the job must not run again). Returns True
+    if it was set."""
+    if job.fate is None or (fate == JobState.CANCELLED and job.fate == REQUEUE):
         job.fate = fate
         return True
     return False

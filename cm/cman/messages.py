@@ -64,6 +64,10 @@ class Str:
             raise BadMessage(f"{name}: want a {'' if self.empty else 'non-empty '}string of at most {self.max_len} characters")
         if "\0" in v or (self.pattern and not self.pattern.fullmatch(v)):
             raise BadMessage(f"{name}: {v!r:.60} is not allowed here")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:        # a lone surrogate: bytes that were not UTF-8
+            raise BadMessage(f"{name}: not UTF-8 text") from None
         return v
 
 
@@ -133,7 +137,7 @@ ATTEMPT = Int(0, 10**6)
 RANK = Int(0, 10**6)
 SIGNAL = Int(1, 128)
 EXIT_CODE = Int(0, 255)
-ENV_ENTRY = Str(65536, r"[^=]+=.*", empty=False)
+ENV_ENTRY = Str(65536, r"(?s)[^=]+=.*", empty=False)      # values may hold newlines (exported functions)
 TASK_KEY = Record({"job": JOB_ID, "attempt": ATTEMPT, "rank": RANK})
 TASK_END = Record({
     "job": JOB_ID, "attempt": ATTEMPT, "rank": RANK,
@@ -180,7 +184,8 @@ class Message:
         return out
 
     def encode(self):
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        # UTF-8 as it is (not \\u escapes): a message is no larger on the wire than its text.
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
 
     def get(self, field, default=None):
         value = getattr(self, field, None)
@@ -335,6 +340,13 @@ class Refused(Reply):
 COMPUTE_TO_HEAD = {m.OP: m for m in (Register, Heartbeat, TaskEnded)}
 HEAD_TO_COMPUTE = {m.OP: m for m in (Welcome, HeartbeatAck, RegisterAgain, Launch, Kill, EndedAck)}
 CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait)}
+
+
+def launch_bytes(argv, env, workdir, nodes):
+    """At most how many bytes the Launch of such a job takes on the wire: its command,
+    environment and directory as they encode, a node list of the longest names, the rest."""
+    text = json.dumps([argv, env, workdir], separators=(",", ":"), ensure_ascii=False).encode()
+    return len(text) + nodes * 66 + 4096
 
 
 def decode(frame, table):

@@ -15,7 +15,7 @@ import zmq
 
 from . import keys, messages, wakeup
 from .messages import BadMessage
-from .vocab import EndCause, Op
+from .vocab import MAX_MESSAGE_BYTES, EndCause, Op
 
 log = logging.getLogger("cm.simnodes")
 
@@ -47,6 +47,7 @@ class Simulation:
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, name.encode())
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             if self.cfg.keys_dir:
                 keys.connect_securely(sock, self.cfg.keys_dir)
             sock.connect(f"tcp://{self.cfg.head_host}:{self.cfg.head_port}")

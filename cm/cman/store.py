@@ -70,6 +70,7 @@ class JobDoc(me.EmbeddedDocument):
     attempt = me.IntField(default=0)
     ended_ranks = me.ListField(me.IntField())
     request_id = me.StringField()
+    fate = me.StringField()
 
 
 def check_job(fields):

@@ -12,10 +12,12 @@ import os
 import sys
 
 from .. import config, units
-from ..client import Unreachable, open_request, wait_for_end
+from ..client import CliError, Unreachable, open_request, wait_for_end
 from ..vocab import Exit, JobState, Op
 from .common import Parser, UsageError, configured, converted, run, whole_number
 
+# The longest argument or NAME=value cm carries (messages.Submit's limit).
+MAX_TEXT = 65536
 # Each option with a cluster default: (its dest, the setting).
 DEFAULTS = (("nodes", "default_nodes"), ("procs_per_node", "default_procs_per_node"),
             ("cpus_per_proc", "default_cpus_per_proc"), ("mem", "default_mem"),
@@ -57,8 +59,17 @@ def job_request(args, settings):
     for dest, setting in DEFAULTS:
         if getattr(args, dest) is None:
             setattr(args, dest, getattr(settings, setting))
-    fields = {"argv": args.command, "workdir": workdir,
-              "env": [f"{k}={v}" for k, v in os.environ.items()],
+    env = [f"{k}={v}" for k, v in os.environ.items()]
+    for what, texts in (("argument", args.command), ("working directory", [workdir]),
+                        ("environment variable", env)):
+        for text in texts:
+            shown = text.split("=", 1)[0] if what == "environment variable" else text[:60]
+            if not is_text(text):
+                raise CliError(f"{what} {shown!r} is not UTF-8 text, and cm carries text only "
+                               f"(unset or re-encode it)")
+            if len(text) > MAX_TEXT:
+                raise CliError(f"{what} {shown!r} is longer than cm carries ({MAX_TEXT} characters)")
+    fields = {"argv": args.command, "workdir": workdir, "env": env,
               "nodes": args.nodes, "procs_per_node": args.procs_per_node, "cpus_per_proc": args.cpus_per_proc,
               "mem_mb": args.mem, "time_limit": args.time, "retries": args.retries}
     if args.name is not None:
@@ -66,6 +77,15 @@ def job_request(args, settings):
     if args.wait:
         fields["wait"] = True
     return fields
+
+
+def is_text(text):
+    """False for a str holding bytes that were not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def exit_status(job):

@@ -14,7 +14,7 @@ import pwd
 from .. import messages, placement
 from ..jobs import Job
 from ..messages import BadMessage, Cancelled, InfoReply, JobEnded, Refused, Submitted
-from ..vocab import JobState, Op
+from ..vocab import MAX_MESSAGE_BYTES, JobState, Op
 
 log = logging.getLogger("cm.head")
 
@@ -24,6 +24,12 @@ REPLIES_KEPT = 10000
 DEFAULT_ENDED_SHOWN = 100
 UNAVAILABLE = "the cluster's database is unavailable; try again later"
 NOT_ACCEPTED = "the cluster's database is unavailable; job not accepted, try again later"
+
+
+def request_key(caller, msg):
+    """What makes a request a retry of another: the same caller's uid, request id and op
+    (a request id used again for another op is another request)."""
+    return caller.uid, msg.request_id, msg.OP
 
 
 def user_name(uid):
@@ -36,8 +42,8 @@ def user_name(uid):
 class CliApi:
     def __init__(self, cfg, nodes, queue, out, wall):
         self.cfg, self.nodes, self.queue, self.out, self.wall = cfg, nodes, queue, out, wall
-        self.replies = collections.OrderedDict()  # (uid, request id) -> the reply, or None while in progress
-        self.retries = {}                # (uid, request id) -> callers who asked again meanwhile
+        self.replies = collections.OrderedDict()  # request_key -> the reply, or None while in progress
+        self.retries = {}                # request_key -> callers who asked again meanwhile
         self.waiters = {}                # job id -> callers waiting for its end
         self.db_available = True
         self.handlers = {Op.SUBMIT: self.on_submit, Op.INFO: self.on_info,
@@ -47,7 +53,7 @@ class CliApi:
     def remember(self, job):
         """A job restored at start: a retry of the request that made it gets its id."""
         if job.request_id:
-            self.replies[(job.uid, job.request_id)] = Submitted(job_id=job.id)
+            self.replies[(job.uid, job.request_id, Op.SUBMIT)] = Submitted(job_id=job.id)
 
     # ---- every request ----
 
@@ -58,12 +64,12 @@ class CliApi:
             log.warning("bad request from %r: %s", caller, e)
             self.out.reply(caller, Refused(error=f"bad request: {e}"))
             return
-        key = (caller.uid, msg.request_id)
-        if msg.request_id and key in self.replies:
-            log.info("request %s from uid %d is a retry; answering as before", msg.request_id, caller.uid)
-            self.answer_retry(caller, msg, key)
-            return
+        key = request_key(caller, msg)
         try:
+            if msg.request_id and key in self.replies:
+                log.info("request %s from uid %d is a retry; answering as before", msg.request_id, caller.uid)
+                self.answer_retry(caller, msg, key)
+                return
             self.handlers[msg.OP](caller, msg)
         except Exception as e:
             log.exception("error handling %r from %r", msg, caller)
@@ -82,11 +88,11 @@ class CliApi:
     def begin(self, caller, msg):
         """A request that changes state: remember that it is being answered."""
         if msg.request_id:
-            self.replies[(caller.uid, msg.request_id)] = None
+            self.replies[request_key(caller, msg)] = None
 
     def answer(self, caller, msg, reply, last=True):
         """Reply, and keep the reply for a retry of the same request."""
-        key = (caller.uid, msg.request_id)
+        key = request_key(caller, msg)
         if msg.request_id:
             self.replies[key] = reply
             while len(self.replies) > REPLIES_KEPT:
@@ -127,6 +133,14 @@ class CliApi:
             submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
         )
         why = placement.never_fits(job, self.nodes.capacity())
+        limit = cfg.max_active_jobs_per_user
+        if limit and self.queue.active_by_uid[caller.uid] >= limit:
+            why = (f"{job.user} has {limit} pending and running jobs, the most one user may have "
+                   "(max_active_jobs_per_user)")
+        size = messages.launch_bytes(job.argv, job.env, job.workdir, job.nodes)
+        if size > MAX_MESSAGE_BYTES:
+            why = (f"its command, environment and node list take {size} bytes to send to a node, "
+                   f"over the limit of {MAX_MESSAGE_BYTES}")
         if why:
             self.out.reply(caller, Refused(error=f"job refused: {why}"))
             return
@@ -137,9 +151,9 @@ class CliApi:
     def accepted(self, caller, msg, job, error, job_id):
         if error is not None:
             log.error("job submission refused, the database write failed: %s", error)
-            self.replies.pop((caller.uid, msg.request_id), None)   # a retry may try again
+            self.replies.pop(request_key(caller, msg), None)   # a retry may try again
             self.out.reply(caller, Refused(error=NOT_ACCEPTED))
-            for other, _ in self.retries.pop((caller.uid, msg.request_id), ()):
+            for other, _ in self.retries.pop(request_key(caller, msg), ()):
                 self.out.reply(other, Refused(error=NOT_ACCEPTED))
             return
         job.id = job_id

@@ -14,7 +14,7 @@ from .. import keys, messages, wakeup
 from ..cliserver import CliServer
 from ..messages import BadMessage, VersionMismatch
 from ..store import StoreError
-from ..vocab import Op
+from ..vocab import MAX_MESSAGE_BYTES, Op
 from ..writer import Writer
 from .core import Core
 from .restore import restore
@@ -70,6 +70,7 @@ class Head:
         self.ctx = zmq.Context.instance()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)   # nothing larger is buffered
         # MANDATORY: a send to a node that is not connected fails instead of vanishing.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # HANDOVER: a node that reconnects under its old identity takes it over;

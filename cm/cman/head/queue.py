@@ -34,6 +34,7 @@ class JobQueue:
         self.pending = []                # ids of PENDING jobs, in submission order
         self.ended = collections.OrderedDict()   # id -> Job, the latest ended ones
         self.triggers = set()            # why the next placement pass runs
+        self.active_by_uid = collections.Counter()   # uid -> its pending and running jobs
         self.on_retired = lambda job: None   # the CLI API tells those who wait for it
 
     def get(self, job_id):
@@ -49,6 +50,7 @@ class JobQueue:
     def add(self, job):
         """A job the database holds: accepted now (PENDING), or restored at start."""
         self.jobs[job.id] = job
+        self.active_by_uid[job.uid] += 1
         if job.state == JobState.PENDING:
             bisect.insort(self.pending, job.id)
             self.triggers.add("submit")
@@ -59,7 +61,8 @@ class JobQueue:
     def retire(self, job):
         """A job reached its final state: recorded in the history, out of the working set, waiters told."""
         self.out.writer.end_job(job.stored())
-        self.jobs.pop(job.id, None)
+        if self.jobs.pop(job.id, None) is not None:
+            self.active_by_uid[job.uid] -= 1
         self.remember_ended(job)
         self.on_retired(job)
         log.info("job %d %s, exit code %d%s", job.id, job.state, job.exit_code,
@@ -153,6 +156,10 @@ class JobQueue:
         running = {(k["job"], k["attempt"], k["rank"]) for k in running}
         for job_id in sorted(node.jobs):
             job = self.jobs[job_id]
+            if job.launched and job.fate is not None and any(k[:2] == (job.id, job.attempt) for k in running):
+                # Being stopped (a cancel recorded before a head restart): tell this node again.
+                self.out.send(node.name, messages.Kill(job=job.id, attempt=job.attempt, reason=job.reason))
+                continue
             if not job.launched or job.fate is not None:
                 continue                  # its launch waits for the database, or it is being stopped
             missing = sorted(r for r in job.outstanding.get(node.name, ()) if (job.id, job.attempt, r) not in running)
@@ -172,15 +179,17 @@ class JobQueue:
     # ---- stopping and ending ----
 
     def doom(self, job, fate, why):
-        """Something ends a running job: record it and stop its tasks everywhere."""
+        """Something ends a running job: record it and stop its tasks everywhere.
+        Returns True if this was what ends it (not a later cause)."""
         if not lifecycle.set_fate(job, fate):
-            return
+            return False
         job.reason = why
         if not job.launched:
-            return                        # launch() sees the fate and starts nothing
+            return True                   # launch() sees the fate and starts nothing
         for name in sorted(job.outstanding):
             if self.nodes[name].state == NodeState.UP:
                 self.out.send(name, messages.Kill(job=job.id, attempt=job.attempt, reason=why))
+        return True
 
     def cancel(self, job_id, uid, who):
         """cmkill of one job by uid (whose name is who); returns its line of the reply."""
@@ -201,8 +210,10 @@ class JobQueue:
             self.retire(job)
             self.triggers.add(f"job {job_id} cancelled")   # a job behind it may start now
             return {"job_id": job_id, "ok": True, "state": job.state}
-        # RUNNING: ask its nodes to stop it; it ends CANCELLED when they report.
-        self.doom(job, JobState.CANCELLED, f"cancelled by {who}")
+        # RUNNING: ask its nodes to stop it; it ends CANCELLED when they report. Recorded
+        # (the caller's answer waits for it), so that a head restarted meanwhile still stops it.
+        if self.doom(job, JobState.CANCELLED, f"cancelled by {who}"):
+            self.write_job(job, ("fate", "reason"))
         log.info("job %d: cancel requested by %s", job_id, who)
         return {"job_id": job_id, "ok": True, "state": JobState.CANCELLING}
 
