@@ -126,6 +126,14 @@ def test_the_cluster_comes_up_with_three_compute_nodes_named_compute1_to_3(cc):
     assert cc.ok("getent hosts compute2").split()[1] == "compute2"
 
 
+def test_no_job_on_a_compute_node_can_reach_the_database(cc):
+    out = cc.ok("cmrun --wait -- bash -c 'if echo > /dev/tcp/db/27017; then echo reached; else echo refused; fi'")
+    with open(cc.home("cmlogs", out.strip(), "0.out")) as f:
+        assert f.read() == "refused\n"
+    code, out = cc.computes()[0].exec_run(["bash", "-c", "echo > /dev/tcp/db/27017"])
+    assert code != 0, out
+
+
 def test_the_readmes_first_job_runs_through_make_exec_head(cc):
     # As the README has it, by whoever runs make here (root on a test machine).
     proc = cc.make("--no-print-directory", "exec-head", USER="root", CMD='cmrun -n 3 -p 2 --wait -- sh -c "echo \\$CM_RANK \\$(hostname)"')
@@ -191,16 +199,22 @@ def test_a_compute_daemon_outside_the_containers_joins_and_runs_tasks(cc):
     try:
         wait_until(lambda: any(n["name"] == name and n["state"] == "UP" for n in cc.info("--nodes")["nodes"]),
                    timeout=20, what=f"{name} to register")
-        # Four nodes: the three containers and this host. /tmp exists on all of them.
-        out = cc.ok("cmrun -n 4 -D /tmp --wait sh -c 'echo $CM_NODENAME $(id -u)'")
+        # Four nodes: the three containers and this host, each with a directory of the same path
+        # that anyone may write (as /tmp), made for this test.
+        shared = f"/tmp/{name}"
+        os.mkdir(shared)
+        os.chmod(shared, 0o1777)
+        for container in [cc.head, *cc.computes()]:
+            container.exec_run(["mkdir", "-m", "1777", shared])
+        out = cc.ok(f"cmrun -n 4 -D {shared} --wait sh -c 'echo $CM_NODENAME $(id -u)'")
         job = cc.job(int(out.strip()))
         assert job["state"] == "COMPLETED" and name in job["node_list"]
         rank = job["node_list"].index(name)
-        host_log = f"/tmp/cmlogs/{job['id']}/{rank}.out"
+        host_log = f"{shared}/cmlogs/{job['id']}/{rank}.out"
         with open(host_log) as f:
             assert f.read().split() == [name, str(UID)]
         assert os.stat(host_log).st_uid == UID
-        shutil.rmtree(f"/tmp/cmlogs/{job['id']}")
+        shutil.rmtree(shared)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
@@ -211,7 +225,7 @@ def test_a_compute_daemon_outside_the_containers_joins_and_runs_tasks(cc):
 def test_a_node_cut_off_from_the_network_goes_down_and_comes_back_by_itself(cc):
     victim = cc.computes()[0]
     node = victim.attrs["Config"]["Hostname"]
-    network = next(n for n in cc.docker.networks.list(filters={"label": f"com.docker.compose.project={cc.project}"}))
+    network = cc.docker.networks.get(next(iter(victim.attrs["NetworkSettings"]["Networks"])))
     aliases = victim.attrs["NetworkSettings"]["Networks"][network.name].get("Aliases") or []
     network.disconnect(victim)
     try:

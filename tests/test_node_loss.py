@@ -31,12 +31,19 @@ def test_a_lost_node_fails_its_job_and_comes_back(own_cluster):
 
 def test_a_job_with_retries_is_requeued_and_runs_elsewhere(own_cluster):
     c = own_cluster
-    job_id = c.submit("--retries", "1", "-n", "1", "-p", "2", "sleep", "60")
+    job_id = c.submit("--retries", "1", "-n", "1", "-p", "2", "--", "sh", "-c",
+                      "echo attempt $CM_ATTEMPT on $CM_NODENAME; sleep 60")
     first = c.wait_state(job_id, "RUNNING")
+    log = os.path.join(c.dir, "cmlogs", str(job_id), "0.out")
+    wait_until(lambda: os.path.exists(log) and os.path.getsize(log), what="the first attempt's output")
     kill_node(c, first["node_list"][0])
     again = wait_until(lambda: (j := c.job(job_id))["state"] == "RUNNING" and j["attempt"] == 1 and j,
                        timeout=TIMEOUT + 10, what="the job to run again")
     assert again["node_list"] != first["node_list"] and again["retries"] == 0
+    # Each attempt's output is kept: the last in 0.out, the one before in 0.out.0.
+    wait_until(lambda: open(log).read() == f"attempt 1 on {again['node_list'][0]}\n", what="the second attempt's output")
+    with open(log + ".0") as f:
+        assert f.read() == f"attempt 0 on {first['node_list'][0]}\n"
     c.ok("cmkill", str(job_id))
     c.wait_state(job_id, "CANCELLED")
 

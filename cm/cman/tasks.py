@@ -20,6 +20,7 @@ import logging
 import os
 import pwd
 import signal
+import stat
 import subprocess
 
 import psutil
@@ -111,9 +112,18 @@ class TaskChild:
                     os.mkdir(path, 0o755)
                 except FileExistsError:
                     pass
+            mine = os.lstat(directory)   # the job's own: not a link, not another's
+            if not stat.S_ISDIR(mine.st_mode) or mine.st_uid != os.geteuid():
+                self.fail(1, f"{spec.workdir}/{directory} is not a directory of {os.geteuid()}'s")
+            logs = [f"{directory}/{self.rank}.{kind}" for kind in ("out", "err")]
+            if spec.attempt:             # a requeued job: the attempt before keeps its output
+                for log_path in logs:
+                    try:
+                        os.rename(log_path, f"{log_path}.{spec.attempt - 1}")
+                    except FileNotFoundError:
+                        pass
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-            out = os.open(f"{directory}/{self.rank}.out", flags, 0o644)
-            err = os.open(f"{directory}/{self.rank}.err", flags, 0o644)
+            out, err = (os.open(log_path, flags, 0o644) for log_path in logs)
         except OSError as e:
             self.fail(1, f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
         os.dup2(out, 1)
