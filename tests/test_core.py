@@ -125,7 +125,7 @@ def register(core, name="node1", cpus=2, running=(), ended=()):
 
 
 def request(core, caller, op, request_id="r1", **fields):
-    core.on_cli(caller, json.dumps({"v": 1, "op": op, "id": request_id, **fields}).encode())
+    core.on_cli(caller, json.dumps({"v": 2, "op": op, "id": request_id, **fields}).encode())
 
 
 def submit(core, caller, request_id="r1", **fields):

@@ -10,7 +10,7 @@ from cman.vocab import MAX_MESSAGE_BYTES
 
 
 def frame(**fields):
-    return json.dumps({"v": 1, **fields}).encode()
+    return json.dumps({"v": 2, **fields}).encode()
 
 
 REGISTER = dict(op="register", name="node1", cpus=2, mem_mb=1024, running=[], ended=[])

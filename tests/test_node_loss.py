@@ -32,7 +32,7 @@ def test_a_lost_node_fails_its_job_and_comes_back(own_cluster):
 def test_a_job_with_retries_is_requeued_and_runs_elsewhere(own_cluster):
     c = own_cluster
     job_id = c.submit("--retries", "1", "-n", "1", "-p", "2", "--", "sh", "-c",
-                      "echo attempt $CM_ATTEMPT on $CM_NODENAME; sleep 60")
+                      "echo attempt $CM_ATTEMPT on $CM_NODENAME; exec sleep 60")
     first = c.wait_state(job_id, "RUNNING")
     log = os.path.join(c.dir, "cmlogs", str(job_id), "0.out")
     wait_until(lambda: os.path.exists(log) and os.path.getsize(log), what="the first attempt's output")
@@ -119,3 +119,31 @@ def test_a_state_file_of_an_earlier_boot_makes_root_kill_nothing(own_cluster):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_node_that_hears_nothing_from_its_head_stops_what_could_run_again_elsewhere(own_cluster):
+    c = own_cluster
+    retried = c.submit("--retries", "1", "--", "sh", "-c", "echo $$ > retried.$CM_ATTEMPT; exec sleep 60")
+    plain = c.submit("--", "sh", "-c", "echo $$ > plain; exec sleep 60")
+    pids = {}
+    for name in ("retried.0", "plain"):
+        path = os.path.join(c.dir, name)
+        pids[name] = int(wait_until(lambda: os.path.exists(path) and open(path).read().strip(), what=name))
+    head = psutil.Process(c.process("head")["pid"])
+    head.suspend()                        # as a partition looks from the nodes: the head says nothing
+    try:
+        stopped = psutil.Process(pids["retried.0"])
+        wait_until(lambda: not stopped.is_running() or stopped.status() == psutil.STATUS_ZOMBIE,
+                   timeout=TIMEOUT + 2, what="the task of the job with retries to be stopped")
+        assert psutil.Process(pids["plain"]).is_running()     # its job never runs elsewhere: it goes on
+    finally:
+        head.resume()
+    # Resumed, the head may find every node silent past the time-out, as after a partition: the
+    # job with retries runs again (its first attempt long stopped), the other ends NODE_FAIL or
+    # goes on, and a task of a job that ended is killed when its node registers again.
+    wait_until(lambda: (j := c.job(retried))["state"] == "RUNNING" and j["attempt"] == 1,
+               timeout=TIMEOUT + 10, what="the job with retries to run again")
+    wait_until(lambda: os.path.exists(os.path.join(c.dir, "retried.1")), what="the second attempt to start")
+    c.cm("cmkill", str(retried), str(plain))
+    c.wait_state(retried, "CANCELLED")
+    c.wait_state(plain, ("CANCELLED", "NODE_FAIL"))

@@ -54,6 +54,7 @@ class Compute:
         self.state_path = os.path.join(cfg.state_dir, f"{name}.json")
         self.socket = None
         self.welcomed = False
+        self.fenced_for = None            # the last word from the head before a fence (once per silence)
         self.backoff = cfg.heartbeat_interval
         self.stopping = False
         self.handlers = {
@@ -175,6 +176,8 @@ class Compute:
     def step(self):
         now = self.clock()
         due = [self.next_heartbeat, self.last_heard + self.head_timeout]
+        if self.fenced_for != self.last_heard:
+            due.append(self.last_heard + self.fence_after())
         task_due = self.runner.enforce(now)
         if task_due is not None:
             due.append(task_due)
@@ -186,6 +189,8 @@ class Compute:
                 self.signals.drain()
         self.collect_ended()
         now = self.clock()
+        if self.fenced_for != self.last_heard and now - self.last_heard >= self.fence_after():
+            self.fence(now)
         if now - self.last_heard >= self.head_timeout:
             self.reconnect(now)
         elif now >= self.next_heartbeat:
@@ -195,6 +200,20 @@ class Compute:
             if self.welcomed:
                 self.send(messages.Heartbeat(**self.usage.sample()))
             self.next_heartbeat = now + self.heartbeat_interval
+
+    def fence_after(self):
+        """Seconds of silence from the head after which this node stops the tasks whose jobs
+        may run again elsewhere: a heartbeat interval before the head, which counts the same
+        silence, marks the node DOWN and requeues them (and never less than half of it)."""
+        return max(self.head_timeout - self.heartbeat_interval, self.head_timeout / 2)
+
+    def fence(self, now):
+        self.fenced_for = self.last_heard    # once per silence; any word from the head ends it
+        silent = now - self.last_heard
+        count = self.runner.fence(now, f"node {self.name} heard nothing from the head for {silent:.1f}s")
+        if count:
+            log.warning("node %s: no word from the head for %.1fs; killed %d tasks of jobs that may run "
+                        "again elsewhere (so that none runs twice at once)", self.name, silent, count)
 
     def mark_registered(self, registered):
         """Keep status_file in step with being registered (for health checks); on changes only."""

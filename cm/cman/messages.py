@@ -235,7 +235,8 @@ class RegisterAgain(Message):
 
 
 class Launch(Message):
-    """head -> compute: start these ranks of a job."""
+    """head -> compute: start these ranks of a job. may_requeue: the job runs again elsewhere
+    if this node is lost, so the node stops these tasks when the head falls silent (fencing)."""
     OP = Op.LAUNCH
     FIELDS = {
         "job": JOB_ID, "attempt": ATTEMPT, "name": Str(256),
@@ -245,7 +246,7 @@ class Launch(Message):
         "argv": List(Str(65536), min_len=1, max_len=10000),
         "workdir": Str(4096, r"/.*"), "env": List(ENV_ENTRY, max_len=10000),
         "uid": Int(0, 2**32 - 1), "gid": Int(0, 2**32 - 1), "user": Str(256),
-        "time_limit": Int(0, 10**9),
+        "time_limit": Int(0, 10**9), "may_requeue": Bool(),
     }
 
 

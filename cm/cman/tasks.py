@@ -52,8 +52,9 @@ MAX_FD = 1 << 20
 
 
 class Task:
-    def __init__(self, key, proc, start, time_limit):
+    def __init__(self, key, proc, start, time_limit, fence=False):
         self.key = key                    # (job, attempt, rank)
+        self.fence = fence                # stopped when the head falls silent: its job may run elsewhere
         self.proc = proc
         self.pid = proc.pid               # also its process group id
         try:                              # tells this process from a later one with the same pid
@@ -200,7 +201,7 @@ class Runner:
             proc.wait()
             code, _, message = failure.decode(errors="replace").partition("\t")
             return task_end(key, EndCause.LAUNCH_FAILED, int(code), None, message)
-        task = Task(key, proc, self.clock(), spec.time_limit)
+        task = Task(key, proc, self.clock(), spec.time_limit, fence=spec.may_requeue)
         self.tasks[key] = task
         self.by_pid[task.pid] = task
         log.debug("job %d rank %d started as pid %d", spec.job, rank, task.pid)
@@ -226,11 +227,20 @@ class Runner:
         for task in self.tasks.values():
             self._stop(task, EndCause.LOST, now, why)
 
-    def _stop(self, task, cause, now, message=""):
-        if task.stop_cause is None:
+    def fence(self, now, why):
+        """The head is silent: the tasks whose jobs may run again elsewhere are killed at once
+        (no grace), before the head, silent as long plus a heartbeat, gives them to another node.
+        Returns how many."""
+        fenced = [task for task in self.tasks.values() if task.fence]
+        for task in fenced:
+            self._stop(task, EndCause.LOST, now, why, at_once=True)
+        return len(fenced)
+
+    def _stop(self, task, cause, now, message="", at_once=False):
+        if task.stop_cause is None or (at_once and task.kill_at > now):
             task.stop_cause, task.stop_message = cause, message
-            task.kill_at = now + self.kill_grace
-            self._signal_task(task, signal.SIGTERM)
+            task.kill_at = now if at_once else now + self.kill_grace
+            self._signal_task(task, signal.SIGKILL if at_once else signal.SIGTERM)
 
     def _signal_task(self, task, sig):
         """Signal a task's process group and whatever it started outside the group."""

@@ -3,7 +3,8 @@ CLI exit codes. It imports nothing else of cm's, so every module (and the
 fast-starting CLI) can use it.
 """
 
-PROTOCOL_VERSION = 1
+# 2: a Launch says whether its job may run again elsewhere (may_requeue), for fencing.
+PROTOCOL_VERSION = 2
 
 # Largest JSON message accepted on either channel. A launch carries the
 # submitter's environment, which is the biggest thing we send.

@@ -145,7 +145,8 @@ class JobQueue:
         self.out.send(job.node_list[node_rank], messages.Launch(
             job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=node_rank,
             nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
-            env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit))
+            env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit,
+            may_requeue=job.retries > 0))
 
     def reconcile(self, node, running):
         """A node registered (again) saying what it runs. A task the head expects and the
