@@ -86,10 +86,15 @@ def _job_fields(raw):
     return {field: raw.get(field) for field in STORED_FIELDS}
 
 
-def _only_duplicates(error):
-    """Whether a failed insert of many failed only on documents that are there already."""
-    errors = error.details.get("writeErrors", [])
-    return bool(errors) and all(e.get("code") == DUPLICATE_KEY for e in errors)
+def _insert_all(collection, docs):
+    """Insert documents that keep their _id; one already there (an insert applied again
+    after its reply was lost) is left as it is, so nothing is added twice."""
+    try:
+        collection.insert_many(docs, ordered=False)
+    except pymongo.errors.BulkWriteError as e:
+        errors = e.details.get("writeErrors", [])
+        if not errors or any(error.get("code") != DUPLICATE_KEY for error in errors):
+            raise
 
 
 class Store:
@@ -211,13 +216,8 @@ class Store:
 
     def append(self, gen, records):
         """Append journal records; a retry of the same records (they keep their _id) adds nothing twice."""
-        if not records:
-            return
-        try:
-            self.journal(gen).insert_many(records, ordered=False)
-        except pymongo.errors.BulkWriteError as e:
-            if not _only_duplicates(e):
-                raise
+        if records:
+            _insert_all(self.journal(gen), records)
 
     def add_history(self, jobs):
         """Append ended jobs to their history buckets; one already there is left as it is.
@@ -228,11 +228,7 @@ class Store:
             doc["_id"] = str(fields["id"])
             by_bucket.setdefault(bucket_of(fields["id"]), []).append(doc)
         for bucket, docs in sorted(by_bucket.items()):
-            try:
-                self.history(bucket).insert_many(docs, ordered=False)
-            except pymongo.errors.BulkWriteError as e:
-                if not _only_duplicates(e):
-                    raise
+            _insert_all(self.history(bucket), docs)
         return len(jobs)
 
     def compact(self, gen, live, next_job_id, old_gen):

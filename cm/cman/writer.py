@@ -146,9 +146,6 @@ class Writer(Worker):
         if self.queue:
             log.error("stopping with %d database writes not applied (the database is away)", len(self.queue))
 
-    def backlog(self):
-        return len(self.queue)
-
     # ---- called by the head's loop ----
 
     def insert_job(self, fields, done):
