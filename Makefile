@@ -28,7 +28,7 @@ COMPOSE_BIN := $(shell if docker compose version >/dev/null 2>&1; then echo "doc
 # The compute services compute1 ... computeN, written by `make` (scripts/cluster compose-nodes);
 # kept in the drive, so that `make down` and `make logs` act on the nodes the last `make` started.
 NODES_FILE   = $(CM_DRIVE)/etc/compose-nodes.yml
-COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) \
+COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) CM_PROJECT=$(PROJECT) \
                $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml -f $(NODES_FILE) \
                $(if $(PUBLISH),-f $(CURDIR)/docker-compose.publish.yml)
 FERRETDB    := .build/cm-ferretdb
@@ -54,13 +54,16 @@ up: images keys ## The same as `make`
 	@$(HOST_PYTHON) scripts/cluster wait-nodes --nodes $(NODES) -- $(COMPOSE)
 	@$(COMPOSE) exec -T head cminfo
 
-# The cluster's CURVE keys, made once, by cmkeys inside the head's image (it needs pyzmq,
-# which the host may lack), as the user who runs make.
+# The cluster's CURVE keys in drive/keys: the head's, and a pair per compute node bound to its
+# name. cmkeys makes them inside the head's image (it needs pyzmq, which the host may lack), as
+# root: they are root's alone, and each container mounts only its own directory, read-only, so no
+# user's job can read a key. Keys that exist are kept (make NODES=5 adds compute4's and compute5's).
+# drive/etc/keys is the layout before per-node keys (one secret for all, where jobs could read it).
 keys: images
-	@mkdir -p $(CM_DRIVE)/etc
-	@test -e $(CM_DRIVE)/etc/keys/head.key_secret || { \
-	  docker run --rm --user $$(id -u):$$(id -g) -v $(CM_DRIVE)/etc:/drive-etc --entrypoint /opt/cm/bin/cmkeys \
-	    cm-head:latest /drive-etc/keys >/dev/null && echo "made the cluster's keys in $(CM_DRIVE)/etc/keys"; }
+	@mkdir -p $(CM_DRIVE)
+	-@rm -rf $(CM_DRIVE)/etc/keys
+	@docker run --rm -v $(CM_DRIVE):/drive --entrypoint /opt/cm/bin/cmkeys cm-head:latest \
+	  /drive/keys $(addprefix compute,$(shell seq 1 $(NODES))) | sed 's|/drive/keys|$(CM_DRIVE)/keys|'
 
 # What the host needs for the container cluster: Docker with Compose, and Python 3 for scripts/
 # (the standard library only). Python is installed where it is missing; Docker cannot be.

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from cman import keys
+from cman.vocab import PROTOCOL_VERSION
 from conftest import BIN, wait_until
 
 
@@ -104,12 +105,12 @@ def cli_exchange(path, payload, read=True):
 def test_garbage_on_the_cli_socket_is_answered_and_the_head_keeps_serving(cluster, workdir):
     accepted = cluster.submit("sleep", "60", cwd=workdir)
     path = cluster.env["CM_SOCKET"]
-    for payload in (b"hello\n", b"{}\n", b'{"v":2,"op":"submit"}\n', b'{"v":9,"op":"info"}\n',
-                    b'{"v":2,"op":"cancel","job_ids":["all"]}\n', b"\xff\x00\n",
-                    json.dumps({"v": 2, "op": "submit", "argv": ["x"] * 20000, "workdir": "/", "env": []}).encode() + b"\n"):
+    for payload in (b"hello\n", b"{}\n", b'{"v":3,"op":"submit"}\n', b'{"v":9,"op":"info"}\n',
+                    b'{"v":3,"op":"cancel","job_ids":["all"]}\n', b"\xff\x00\n",
+                    json.dumps({"v": 3, "op": "submit", "argv": ["x"] * 20000, "workdir": "/", "env": []}).encode() + b"\n"):
         reply = json.loads(cli_exchange(path, payload).splitlines()[0])
         assert reply["ok"] is False and reply["error"]
-    cli_exchange(path, b'{"v":2,', read=False)         # half a request, then gone
+    cli_exchange(path, b'{"v":3,', read=False)         # half a request, then gone
     assert cluster.job(accepted)["state"] == "RUNNING"  # nothing accepted was lost
     assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0
     cluster.ok("cmkill", str(accepted))
@@ -127,7 +128,7 @@ def test_thousands_of_random_requests_on_the_cli_socket(cluster, workdir, figure
     accepted = cluster.submit("sleep", "60", cwd=workdir)
     path = cluster.env["CM_SOCKET"]
     rng = random.Random(11)
-    valid = json.dumps({"v": 2, "op": "info", "jobs": True, "job_ids": [accepted]}).encode()
+    valid = json.dumps({"v": 3, "op": "info", "jobs": True, "job_ids": [accepted]}).encode()
     frames = 2000
     for i in range(frames):
         kind = i % 3
@@ -136,7 +137,7 @@ def test_thousands_of_random_requests_on_the_cli_socket(cluster, workdir, figure
         elif kind == 1:
             frame = mutated(rng, valid)
         else:
-            frame = json.dumps({"v": 2, "op": rng.choice(["submit", "cancel", "info", "wait", "?"]),
+            frame = json.dumps({"v": 3, "op": rng.choice(["submit", "cancel", "info", "wait", "?"]),
                                 rng.choice(["argv", "job_ids", "job_id", "nodes"]): rng.choice(
                                     [[], [-1], "x", None, 10**30, {"a": 1}, [["x"]]])}).encode()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -154,13 +155,13 @@ def test_thousands_of_random_requests_on_the_cli_socket(cluster, workdir, figure
 def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, workdir, figures):
     port = int(cluster.process("head")["cm_env"]["CM_HEAD_PORT"])
     rng = random.Random(7)
-    valid = json.dumps({"v": 2, "op": "heartbeat", "load": 0.1, "cpu_percent": 1, "mem_used_mb": 10}).encode()
+    valid = json.dumps({"v": 3, "op": "heartbeat", "load": 0.1, "cpu_percent": 1, "mem_used_mb": 10}).encode()
     ctx = zmq.Context.instance()
     with ctx.socket(zmq.DEALER) as s:
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IDENTITY, b"intruder")
-        # It holds the cluster's keys: the frames get past CURVE to the head's own checks.
-        keys.connect_securely(s, os.path.join(cluster.dir, "keys"))
+        # It holds a node's key of the cluster: the frames get past CURVE to the head's own checks.
+        keys.make(os.path.join(cluster.dir, "keys"), ["fuzzer"])
+        keys.connect_securely(s, os.path.join(cluster.dir, "keys", "fuzzer"))
         s.connect(f"tcp://127.0.0.1:{port}")
         for i in range(2000):
             kind = i % 4
@@ -169,7 +170,7 @@ def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, wo
             elif kind == 1:                       # a valid frame with bytes flipped
                 frame = mutated(rng, valid)
             elif kind == 2:                       # well-formed JSON, wrong contents
-                frame = json.dumps({"v": 2, "op": rng.choice(["register", "task_ended", "launch", "x"]),
+                frame = json.dumps({"v": 3, "op": rng.choice(["register", "task_ended", "launch", "x"]),
                                     "name": "node1", "ended": [{"job": -1}]}).encode()
             else:                                 # several frames at once
                 frame = [b"a", b"b", valid]
@@ -196,8 +197,8 @@ def test_a_second_cluster_in_the_same_directory_is_refused(cluster):
 
 
 def test_a_compute_daemon_without_the_clusters_keys_is_refused(cluster, tmp_path):
-    keys.make(str(tmp_path / "other"))
-    env = dict(cluster.env, CM_KEYS_DIR=str(tmp_path / "other"), CM_STATE_DIR=str(tmp_path),
+    keys.make(str(tmp_path / "other"), ["intruder"])
+    env = dict(cluster.env, CM_KEYS_DIR=str(tmp_path / "other" / "intruder"), CM_STATE_DIR=str(tmp_path),
                CM_HEAD_HOST="127.0.0.1", CM_HEAD_PORT=cluster.process("head")["cm_env"]["CM_HEAD_PORT"])
     log = tmp_path / "intruder.log"
     with open(log, "w") as out:
@@ -218,16 +219,16 @@ def test_a_compute_daemon_of_another_protocol_version_is_refused_with_what_to_up
                       "running": [], "ended": []}).encode()
     with zmq.Context.instance().socket(zmq.DEALER) as s:
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.IDENTITY, b"oldnode")
         s.setsockopt(zmq.RCVTIMEO, 10000)
-        keys.connect_securely(s, os.path.join(cluster.dir, "keys"))
+        keys.make(os.path.join(cluster.dir, "keys"), ["oldnode"])
+        keys.connect_securely(s, os.path.join(cluster.dir, "keys", "oldnode"))
         s.connect(f"tcp://127.0.0.1:{port}")
         s.send(old)
         answer = json.loads(s.recv())
-    assert answer["v"] == 2 and answer["op"] == "register_again"   # in the head's version, which it refuses
+    assert answer["v"] == PROTOCOL_VERSION and answer["op"] == "register_again"   # in the head's version, which it refuses
     assert "oldnode" not in {n["name"] for n in cluster.info("--nodes")["nodes"]}
     with open(os.path.join(cluster.dir, "head.log")) as f:
-        assert ("refused node oldnode: node oldnode speaks cm protocol version 0 and this daemon 2: "
+        assert (f"refused node oldnode: node oldnode speaks cm protocol version 0 and this daemon {PROTOCOL_VERSION}: "
                 "upgrade cm on node oldnode") in f.read()
 
 
@@ -241,7 +242,7 @@ def test_an_environment_that_is_not_utf8_is_refused_naming_the_variable_and_the_
     # Another client that sends it anyway is refused by the head, which goes on.
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(cluster.env["CM_SOCKET"])
-        s.sendall(b'{"v":2,"op":"submit","id":"x1","argv":["true"],"workdir":"/tmp","env":["A=\\udcff"]}\n')
+        s.sendall(b'{"v":3,"op":"submit","id":"x1","argv":["true"],"workdir":"/tmp","env":["A=\\udcff"]}\n')
         answer = json.loads(s.makefile().readline())
     assert answer["ok"] is False and "not UTF-8 text" in answer["error"]
     assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0

@@ -176,7 +176,7 @@ def test_cminfo_views(cluster, workdir):
     job_id = cluster.submit("-J", "named", "true", cwd=workdir)
     cluster.wait_state(job_id, "COMPLETED")
     doc = cluster.info()
-    assert set(doc) == {"nodes", "jobs"}
+    assert set(doc) == {"nodes", "jobs", "insecure"}
     assert job_id not in [j["id"] for j in doc["jobs"]]           # ended jobs only with --all
     every = cluster.info("--all")["jobs"]
     assert [j["id"] for j in every] == sorted(j["id"] for j in every)

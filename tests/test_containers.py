@@ -173,6 +173,25 @@ def test_cmkill_ends_a_running_job_cancelled(cc):
     assert job["reason"] == f"cancelled by {USER}"
 
 
+def test_each_job_on_a_compute_container_is_in_a_cgroup_and_what_escapes_its_session_stops_with_it(cc):
+    assert {n["containment"] for n in cc.info("--nodes")["nodes"]} == {"cgroup v1"}
+    job_id = int(cc.ok(r"""cmrun -n 1 --mem 100M -- sh -c '(setsid env -i sh -c "echo \$\$ > escaped; exec sleep 300" &); exec sleep 300'""").strip())
+    cc.wait_state(job_id, "RUNNING")
+    wait_until(lambda: os.path.exists(cc.home("escaped")) and open(cc.home("escaped")).read().strip(),
+               what="the escaped process's pid")
+    pid = open(cc.home("escaped")).read().strip()
+    node = cc.info("-j", str(job_id))["jobs"][0]["node_list"][0]
+    container = next(c for c in cc.computes() if c.labels["com.docker.compose.service"] == node)
+    limit = f"/sys/fs/cgroup/memory/cm/{cc.project}/{node}/job_{job_id}.0/memory.limit_in_bytes"
+    code, out = container.exec_run(["cat", limit])
+    assert (code, out.decode().strip()) == (0, str(100 << 20))
+    cc.ok(f"cmkill {job_id}")
+    cc.wait_state(job_id, "CANCELLED")
+    wait_until(lambda: container.exec_run(["kill", "-0", pid])[0] != 0, timeout=15,
+               what=f"the escaped process {pid} on {node} to be gone")
+    os.unlink(cc.home("escaped"))
+
+
 def test_restarting_the_head_keeps_every_job_and_node_record(cc):
     before = int(cc.ok("cmrun --wait true").strip())
     running = int(cc.ok("cmrun sleep 300").strip())

@@ -10,6 +10,7 @@ from cman import config, messages
 from cman.head.core import Core
 from cman.head.nodes import InvalidNodeTransition
 from cman.head.restore import restore
+from cman.seal import Sealer
 from cman.vocab import EndCause, NodeState, Op
 
 CFG = config.load({"CM_NODE_TIMEOUT": "3", "CM_HEARTBEAT_INTERVAL": "1", "CM_NODE_FORGET_AFTER": "60"},
@@ -114,18 +115,18 @@ def new_core(writer=None, cfg=CFG):
     writer = writer or FakeWriter()
     clock = Clock()
     out = FakeOut(writer)
-    core = Core(cfg, out, clock, wall=lambda: 1e9 + clock.now)
+    core = Core(cfg, out, clock, wall=lambda: 1e9 + clock.now, sealer=Sealer(b"k" * 32))
     restore(core, writer.state())
     return core, out, writer, clock
 
 
 def register(core, name="node1", cpus=2, running=(), ended=()):
     core.on_compute(name, messages.Register(name=name, cpus=cpus, mem_mb=1024, running=list(running),
-                                            ended=list(ended)))
+                                            ended=list(ended), containment="process groups"))
 
 
 def request(core, caller, op, request_id="r1", **fields):
-    core.on_cli(caller, json.dumps({"v": 2, "op": op, "id": request_id, **fields}).encode())
+    core.on_cli(caller, json.dumps({"v": 3, "op": op, "id": request_id, **fields}).encode())
 
 
 def submit(core, caller, request_id="r1", **fields):

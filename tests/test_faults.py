@@ -128,7 +128,7 @@ def raw_request(path, request):
 
 
 def test_a_retried_submission_makes_one_job(cluster, workdir):
-    request = {"v": 2, "op": "submit", "id": "retry-test-1", "argv": ["true"], "workdir": workdir, "env": []}
+    request = {"v": 3, "op": "submit", "id": "retry-test-1", "argv": ["true"], "workdir": workdir, "env": []}
     first = raw_request(cluster.env["CM_SOCKET"], request)
     again = raw_request(cluster.env["CM_SOCKET"], request)
     assert first["ok"] and again == first
@@ -137,6 +137,6 @@ def test_a_retried_submission_makes_one_job(cluster, workdir):
 
 
 def test_a_client_cannot_say_who_it_is(cluster, workdir):
-    request = {"v": 2, "op": "submit", "argv": ["true"], "workdir": workdir, "env": [], "uid": 0, "user": "root"}
+    request = {"v": 3, "op": "submit", "argv": ["true"], "workdir": workdir, "env": [], "uid": 0, "user": "root"}
     reply = raw_request(cluster.env["CM_SOCKET"], request)
-    assert reply == {"v": 2, "ok": False, "error": "bad request: unknown field uid"}
+    assert reply == {"v": 3, "ok": False, "error": "bad request: unknown field uid"}

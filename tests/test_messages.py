@@ -10,10 +10,10 @@ from cman.vocab import MAX_MESSAGE_BYTES
 
 
 def frame(**fields):
-    return json.dumps({"v": 2, **fields}).encode()
+    return json.dumps({"v": 3, **fields}).encode()
 
 
-REGISTER = dict(op="register", name="node1", cpus=2, mem_mb=1024, running=[], ended=[])
+REGISTER = dict(op="register", name="node1", cpus=2, mem_mb=1024, running=[], ended=[], containment="cgroup v1")
 
 
 def test_a_valid_message_round_trips():

@@ -23,11 +23,11 @@ import time
 
 import zmq
 
-from . import keys, messages, wakeup
+from . import cgroups, keys, messages, wakeup
 from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
-from .tasks import Runner, become_subreaper, stop_leftover
+from .tasks import REMOVE_TRIES, Runner, become_subreaper, stop_leftover
 from .vocab import MAX_MESSAGE_BYTES, EndCause, Op
 
 log = logging.getLogger("cm.compute")
@@ -48,7 +48,13 @@ class Compute:
         self.endpoint = f"tcp://{cfg.head_host}:{cfg.head_port}"
         self.heartbeat_interval = cfg.heartbeat_interval
         self.head_timeout = cfg.node_timeout
-        self.runner = Runner(name, cfg.kill_grace, clock)
+        try:
+            self.containment = cgroups.detect(cfg.containment, cfg.cgroup_root, cfg.cgroup_prefix, name)
+        except cgroups.ContainmentError as e:
+            raise ConfigError(str(e)) from None
+        log.info("node %s contains jobs with %s %s", name, self.containment.name,
+                 ",".join(self.containment.controllers))
+        self.runner = Runner(name, cfg.kill_grace, clock, self.containment)
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
         self.usage = Usage()
         self.state_path = os.path.join(cfg.state_dir, f"{name}.json")
@@ -114,6 +120,11 @@ class Compute:
             if not rebooted and stop_leftover(pid, entry.get("create_time")):
                 log.warning("job %d rank %d (pid %d) was left by the previous daemon; killed", key[0], key[2], pid)
             self.unacked[key] = messages.task_end(key, EndCause.LOST, message="its compute daemon restarted")
+        for group in self.containment.leftovers():   # ours alone, and gone at a reboot
+            if group.pids():
+                log.warning("killing what is left in %s, a job cgroup of the previous daemon", group.dirs)
+            if not group.remove():
+                self.runner.unremoved[group] = REMOVE_TRIES
         for report in state.get("ended", []):
             try:
                 report = messages.TASK_END("ended", report)
@@ -138,7 +149,6 @@ class Compute:
             self.poller.unregister(self.socket)
             self.socket.close(0)          # drop whatever was queued for the old connection
         self.socket = self.ctx.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.IDENTITY, self.name.encode("ascii"))
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)   # nothing larger is buffered
         if self.cfg.keys_dir:
@@ -165,6 +175,7 @@ class Compute:
         if self.socket is not None:
             self.socket.close(0)
         self.mark_registered(False)
+        self.containment.close()
         log.info("node %s stopped", self.name)
 
     # ------------------------------------------------------------------ the loop
@@ -276,7 +287,8 @@ class Compute:
     def register(self):
         running = [{"job": j, "attempt": a, "rank": r} for j, a, r in self.runner.running_keys()]
         self.send(messages.Register(name=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
-                                    running=running, ended=list(self.unacked.values())))
+                                    running=running, ended=list(self.unacked.values()),
+                                    containment=self.containment.name))
 
     def on_register_again(self, msg):
         if self.welcomed:                 # else a Register is on its way already

@@ -64,6 +64,26 @@ def _url(text):
     return text
 
 
+def _containment(text):
+    if text not in ("auto", "cgroup", "process-group"):
+        raise ValueError
+    return text
+
+
+def _relative_name(text):
+    parts = text.split("/")
+    if not text or any(p in ("", ".", "..") for p in parts):
+        raise ValueError
+    return text
+
+
+def _bool(text):
+    value = text.lower()
+    if value not in ("true", "false", "yes", "no", "1", "0"):
+        raise ValueError
+    return value in ("true", "yes", "1")
+
+
 def _level(text):
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError
@@ -77,6 +97,7 @@ SCHEMA = {
     "database_url": (_url, "a mongodb:// URL"),
     "socket": (_text, "the path of a Unix socket"),
     "keys_dir": (_optional_path, "an absolute path, or nothing"),
+    "insecure": (_bool, "true or false"),
     "head_host": (_text, "a host name or address"),
     "head_port": (_port, "a port number from 1 to 65535"),
     "head_bind": (_text, "an address such as 127.0.0.1 or 0.0.0.0"),
@@ -96,6 +117,9 @@ SCHEMA = {
     "max_active_jobs_per_user": (_count(0), "a whole number >= 0 (0: no limit)"),
     "state_dir": (_absolute, "an absolute path"),
     "status_file": (_optional_path, "an absolute path, or nothing"),
+    "containment": (_containment, "auto, cgroup or process-group"),
+    "cgroup_root": (_absolute, "an absolute path"),
+    "cgroup_prefix": (_relative_name, "a relative path such as cm (no '.' or '..' parts)"),
     "log_level": (_level, "debug, info, warning or error"),
 }
 

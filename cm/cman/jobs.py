@@ -12,7 +12,7 @@ from .vocab import EndCause, JobState
 ALLOWED = {
     JobState.PENDING: {JobState.RUNNING, JobState.CANCELLED},
     JobState.RUNNING: {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
-                       JobState.TIMEOUT, JobState.NODE_FAIL, JobState.PENDING},
+                       JobState.TIMEOUT, JobState.NODE_FAIL, JobState.OUT_OF_MEMORY, JobState.PENDING},
 }
 
 # A fate that puts the job back in the queue instead of ending it.
@@ -23,7 +23,7 @@ STORED_FIELDS = (
     "id", "name", "user", "uid", "gid", "argv", "workdir", "env",
     "nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "retries",
     "submit_time", "start_time", "end_time", "state", "reason",
-    "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate",
+    "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate", "seal",
 )
 
 
@@ -43,6 +43,7 @@ class Job:
         self.attempt = 0
         self.ended_ranks = []
         self.request_id = None
+        self.seal = None               # the head's seal on who runs what (seal.py)
         self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
         self.__dict__.update(fields)   # cancel asked before a head restart still ends it after
         self.launched = self.state == JobState.RUNNING   # a job stored RUNNING was launched
@@ -122,6 +123,8 @@ def record_task_end(job, node, rank, cause, exit_code, signal):
         job.exit_signal = max(job.exit_signal or 0, signal)
     if cause == EndCause.TIMEOUT:
         set_fate(job, JobState.TIMEOUT)
+    elif cause == EndCause.OUT_OF_MEMORY:
+        set_fate(job, JobState.OUT_OF_MEMORY)
     elif cause == EndCause.LAUNCH_FAILED and exit_code is None:
         job.exit_code = max(job.exit_code, 1)
     return True
@@ -144,7 +147,8 @@ def fate_after_node_loss(job):
 
 def final_state(job):
     """The state a running job ends in once all its tasks have ended."""
-    if job.fate in (JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL, JobState.FAILED):
+    if job.fate in (JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL, JobState.FAILED,
+                    JobState.OUT_OF_MEMORY):
         return job.fate
     if job.exit_code == 0 and job.exit_signal is None:
         return JobState.COMPLETED

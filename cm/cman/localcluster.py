@@ -3,6 +3,7 @@
 and N compute daemons), recorded in DIR/cluster.json so that `down` and
 `status` find them again. Every process logs to DIR/<name>.log.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -132,18 +133,25 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
             processes.append(db)
             wait_for(lambda: port_open(db_port), timeout, "the database to listen", [db])
             database_url = f"mongodb://127.0.0.1:{db_port}/cm"
-        keys_dir = os.path.join(directory, "keys")
-        keys.make(keys_dir)
+        store = os.path.join(directory, "keys")      # a key per daemon: keys/head, keys/node1, ...
+        node_names = [f"node{i}" for i in range(1, nodes + 1)]
+        insecure = config.load(env).insecure     # insecure = true: a cluster without keys
+        if not insecure:
+            keys.make(store, node_names)
         env.update(CM_DATABASE_URL=database_url, CM_SOCKET=socket_path, CM_HEAD_HOST="127.0.0.1",
                    CM_HEAD_BIND="127.0.0.1", CM_HEAD_PORT=str(free_port()),
-                   CM_STATE_DIR=os.path.join(directory, "state"), CM_KEYS_DIR=keys_dir)
+                   CM_STATE_DIR=os.path.join(directory, "state"),
+                   CM_KEYS_DIR="" if insecure else os.path.join(store, "head"))
+        # Node names repeat across local clusters (node1, ...): each cluster's cgroups have a subtree of their own.
+        env.setdefault("CM_CGROUP_PREFIX", "cm/local-" + hashlib.sha1(directory.encode()).hexdigest()[:12])
         settings = config.load(env)          # fail here, in one line, on a bad setting
         head = start("head", [sys.executable, CMDAEMON, "--role", "head"], directory, env)
         processes.append(head)
         wait_for(lambda: os.path.exists(socket_path), timeout, "the head to listen", [head])
-        for i in range(1, nodes + 1):
-            processes.append(start(f"node{i}", [sys.executable, CMDAEMON, "--role", "compute", "--name", f"node{i}",
-                                                "--cpus", str(cpus), "--mem", f"{mem}M"], directory, env))
+        for name in node_names:
+            processes.append(start(name, [sys.executable, CMDAEMON, "--role", "compute", "--name", name,
+                                          "--cpus", str(cpus), "--mem", f"{mem}M"], directory,
+                                   dict(env, CM_KEYS_DIR="" if insecure else os.path.join(store, name))))
         record(directory, processes, {k: env[k] for k in ("CM_DATABASE_URL", "CM_SOCKET", "CM_HEAD_PORT")})
 
         def all_up():

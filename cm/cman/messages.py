@@ -202,7 +202,7 @@ class Register(Message):
     """compute -> head: who I am, what I have, what I still run, what ended unacknowledged."""
     OP = Op.REGISTER
     FIELDS = {"name": NODE_NAME, "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),
-              "running": List(TASK_KEY), "ended": List(TASK_END)}
+              "running": List(TASK_KEY), "ended": List(TASK_END), "containment": Str(64)}
 
 
 class Heartbeat(Message):
@@ -247,6 +247,7 @@ class Launch(Message):
         "workdir": Str(4096, r"/.*"), "env": List(ENV_ENTRY, max_len=10000),
         "uid": Int(0, 2**32 - 1), "gid": Int(0, 2**32 - 1), "user": Str(256),
         "time_limit": Int(0, 10**9), "may_requeue": Bool(),
+        "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),     # this node's share: its cgroup's limits
     }
 
 
@@ -318,8 +319,9 @@ class Submitted(Reply):
 
 
 class InfoReply(Reply):
-    """Nodes and jobs as cminfo shows them; missing: asked-for ids that no job has."""
-    FIELDS = ("nodes", "jobs", "missing")
+    """Nodes and jobs as cminfo shows them; missing: asked-for ids that no job has;
+    insecure: the head runs without keys (anyone who reaches its port may be a node)."""
+    FIELDS = ("nodes", "jobs", "missing", "insecure")
 
 
 class Cancelled(Reply):

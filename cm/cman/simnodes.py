@@ -1,11 +1,14 @@
 """Simulated compute nodes, for measuring the head at scale: many nodes in
 one process, each with a socket of its own, speaking the real protocol
-(register, heartbeat, task ends, acknowledgements) with the cluster's keys.
+(register, heartbeat, task ends, acknowledgements), each with a key of its
+own: keys_dir is the cluster's key store here (keys.py), where the
+simulation adds its nodes' keys.
 A launched task runs no process: it ends with exit code 0 after its job's
 time limit if the job has one, else after task_seconds. Nothing here is
 used by a real cluster.
 """
 import heapq
+import os
 import logging
 import random
 import signal
@@ -42,6 +45,9 @@ class Simulation:
         self.signals = wakeup.on_signals({signal.SIGTERM: self.stop, signal.SIGINT: self.stop})
         self.poller.register(self.signals.fd, zmq.POLLIN)
         now = self.clock()
+        names = [f"{self.prefix}{i}" for i in range(1, self.count + 1)]
+        if self.cfg.keys_dir:
+            keys.make(self.cfg.keys_dir, names)
         for i in range(1, self.count + 1):
             name = f"{self.prefix}{i}"
             sock = ctx.socket(zmq.DEALER)
@@ -49,11 +55,12 @@ class Simulation:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             if self.cfg.keys_dir:
-                keys.connect_securely(sock, self.cfg.keys_dir)
+                keys.connect_securely(sock, os.path.join(self.cfg.keys_dir, name))
             sock.connect(f"tcp://{self.cfg.head_host}:{self.cfg.head_port}")
             node = self.nodes[name] = SimNode(name, sock)
             self.poller.register(sock, zmq.POLLIN)
-            self.send(node, messages.Register(name=name, cpus=self.cpus, mem_mb=self.mem_mb, running=[], ended=[]))
+            self.send(node, messages.Register(name=name, cpus=self.cpus, mem_mb=self.mem_mb, running=[], ended=[],
+                                                  containment="simulated"))
             # Heartbeats spread over the interval, as independent nodes would send them.
             self.at(now + random.uniform(0, self.cfg.heartbeat_interval), "heartbeat", name, None)
         log.info("%d simulated nodes connecting", self.count)
@@ -107,7 +114,8 @@ class Simulation:
             elif msg.OP == Op.REGISTER_AGAIN:
                 node.welcomed = False
                 self.send(node, messages.Register(name=node.name, cpus=self.cpus, mem_mb=self.mem_mb,
-                                                  running=[], ended=list(node.unacked.values())))
+                                                  running=[], ended=list(node.unacked.values()),
+                                                  containment="simulated"))
             elif msg.OP == Op.LAUNCH:
                 node.running.setdefault((msg.job, msg.attempt), set()).update(msg.ranks)
                 lasts = msg.time_limit or self.task_seconds

@@ -71,6 +71,7 @@ class JobDoc(me.EmbeddedDocument):
     ended_ranks = me.ListField(me.IntField())
     request_id = me.StringField()
     fate = me.StringField()
+    seal = me.StringField()                                # the head's HMAC of who runs what (seal.py)
 
 
 def check_job(fields):

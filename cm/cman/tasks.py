@@ -7,8 +7,9 @@ it as the submitting user (uid, gid, groups); one running as an ordinary user
 runs only that user's jobs. Stopping a task signals its whole process group:
 SIGTERM, then SIGKILL after the grace period. No process is left unreaped.
 
-Nothing of a user's paths is touched as root: the child switches to the
-user first, and only then enters the working directory, makes cmlogs/ and
+Where the node has cgroups (cgroups.py), the child first joins its job's
+cgroup, as root, so that nothing it starts can leave it. Nothing of a
+user's paths is touched as root: the child then switches to the user, and only then enters the working directory, makes cmlogs/ and
 opens the log files (never through a link), so that a user reaches only
 what the user could reach anyway. What goes wrong there (a directory the
 user may not enter, logs that cannot be written, a command that cannot
@@ -25,6 +26,7 @@ import subprocess
 
 import psutil
 
+from .cgroups import JOIN_FLAGS, ProcessGroups
 from .messages import task_end
 from .vocab import EndCause
 
@@ -86,20 +88,38 @@ def task_env(spec, rank, local_rank, node_name):
 
 
 class TaskChild:
-    """What the forked child does, as the user (subprocess has switched uid, gid and
-    groups before it calls run): enter the working directory, open the logs, exec the
-    command itself (what subprocess would exec is never reached). It runs between fork
-    and exec, so it makes system calls only (no logging, no locks); a failure is written
-    to the report pipe and ends the child."""
+    """What the forked child does: join the job's cgroup (as root), become the user
+    (groups, gid, uid: saved ids too, so there is no way back), enter the working
+    directory, open the logs, exec the command itself (what subprocess would exec is
+    never reached). It runs between fork and exec, so it makes system calls only (no
+    logging, no locks); a failure is written to the report pipe and ends the child."""
 
-    def __init__(self, spec, rank, env, report_fd):
+    def __init__(self, spec, rank, env, report_fd, identity=None, join_files=()):
         self.spec, self.rank, self.env, self.report_fd = spec, rank, env, report_fd
+        self.identity = identity          # (uid, gid, groups) to become, or None to stay
+        self.join_files = join_files      # cgroup.procs files to write our pid into
 
     def fail(self, code, message):
         os.write(self.report_fd, f"{code}\t{message}".encode(errors="replace")[:4000])
         os._exit(code)
 
     def run(self):
+        pid = str(os.getpid()).encode()
+        for path in self.join_files:      # before anything of the job's can fork
+            try:
+                fd = os.open(path, JOIN_FLAGS, 0o644)
+                os.write(fd, pid + b"\n")
+                os.close(fd)
+            except OSError as e:
+                self.fail(1, f"cannot join the job's cgroup ({path}): {e.strerror}")
+        if self.identity:
+            uid, gid, groups = self.identity
+            try:
+                os.setgroups(groups)
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            except OSError as e:
+                self.fail(1, f"cannot become uid {uid}: {e.strerror}")
         _die_with_daemon()                # after the switch of user, which would clear it
         spec = self.spec
         try:
@@ -140,11 +160,18 @@ class TaskChild:
             self.fail(127 if e.errno == errno.ENOENT else 126, message)
 
 
+# Tries at removing a job's cgroup (its last processes may take a moment to go).
+REMOVE_TRIES = 50
+
+
 class Runner:
-    def __init__(self, node_name, kill_grace, clock):
+    def __init__(self, node_name, kill_grace, clock, containment=None):
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
+        self.containment = containment or ProcessGroups()
         self.tasks = {}                   # key -> Task
         self.by_pid = {}                  # pid -> Task
+        self.groups = {}                  # (job, attempt) -> its cgroup here (cgroups.JobGroup)
+        self.unremoved = {}               # cgroups whose removal is tried again -> tries left
         self.as_root = os.geteuid() == 0
 
     def running_keys(self):
@@ -160,6 +187,8 @@ class Runner:
         """Start every rank of a Launch; returns end reports for those that could not start."""
         failed = []
         refusal = self._refusal(spec)
+        if not refusal:
+            refusal = self._contain(spec)
         per_node = spec.ntasks // spec.nnodes
         for rank in spec.ranks:
             local_rank = rank - spec.node_rank * per_node
@@ -172,7 +201,43 @@ class Runner:
             report = self._start(spec, key, local_rank)
             if report:
                 failed.append(report)
+        self._release_if_done(spec.job, spec.attempt)
         return failed
+
+    def _contain(self, spec):
+        """Make the job's cgroup here unless it has one; returns why it cannot be made, or None."""
+        job_attempt = (spec.job, spec.attempt)
+        if job_attempt in self.groups:
+            return None
+        try:
+            group = self.containment.job_group(spec.job, spec.attempt, spec.cpus, spec.mem_mb)
+        except OSError as e:
+            log.error("job %d: cannot make its cgroup: %s", spec.job, e)
+            return f"cannot make the job's cgroup on {self.node_name}: {e.strerror or e}"
+        if group is not None:
+            self.groups[job_attempt] = group
+        return None
+
+    def _release_if_done(self, job, attempt):
+        """Once no task of the job attempt runs here, what is left in its cgroup is killed
+        and the cgroup removed."""
+        group = self.groups.get((job, attempt))
+        if group is None or any(key[:2] == (job, attempt) for key in self.tasks):
+            return
+        del self.groups[(job, attempt)]
+        if not group.remove():
+            self.unremoved[group] = REMOVE_TRIES
+
+    def remove_leftovers(self):
+        """Try again to remove the cgroups of ended jobs that were not empty yet."""
+        for group, tries in list(self.unremoved.items()):
+            if group.remove():
+                del self.unremoved[group]
+            elif tries <= 1:
+                del self.unremoved[group]
+                log.warning("gave up removing cgroup %s: processes are still in it", group.dirs)
+            else:
+                self.unremoved[group] = tries - 1
 
     def _refusal(self, spec):
         if not self.as_root and spec.uid != os.geteuid():
@@ -182,14 +247,16 @@ class Runner:
 
     def _start(self, spec, key, local_rank):
         rank = key[2]
-        identity = {}
+        identity = None
         if self.as_root and spec.uid != 0:
-            identity = dict(user=spec.uid, group=spec.gid, extra_groups=self._groups(spec))
+            identity = (spec.uid, spec.gid, self._groups(spec))
+        group = self.groups.get(key[:2])
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        child = TaskChild(spec, rank, task_env(spec, rank, local_rank, self.node_name), report_w)
+        child = TaskChild(spec, rank, task_env(spec, rank, local_rank, self.node_name), report_w,
+                          identity, group.join_files() if group else ())
         try:
             proc = subprocess.Popen(["cm-task"], stdin=subprocess.DEVNULL, start_new_session=True, umask=0o022,
-                                    close_fds=True, preexec_fn=child.run, **identity)
+                                    close_fds=True, preexec_fn=child.run)
         except (OSError, subprocess.SubprocessError) as e:
             os.close(report_r)
             return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e}")
@@ -242,9 +309,13 @@ class Runner:
             task.kill_at = now if at_once else now + self.kill_grace
             self._signal_task(task, signal.SIGKILL if at_once else signal.SIGTERM)
 
-    def _signal_task(self, task, sig):
-        """Signal a task's process group and whatever it started outside the group."""
+    def _signal_task(self, task, sig, whole_job=True):
+        """Signal a task's process group and whatever it started outside the group; and,
+        with whole_job, every process in its job's cgroup here (its ranks share one)."""
         _signal_group(task.pid, sig)
+        group = self.groups.get(task.key[:2])
+        if whole_job and group is not None:
+            group.signal(sig)
         for proc in self._escaped(task):
             try:
                 proc.send_signal(sig)
@@ -296,6 +367,8 @@ class Runner:
     def reap(self):
         """Collect every child that has ended; returns their end reports."""
         reports = []
+        if self.unremoved:
+            self.remove_leftovers()
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -309,10 +382,16 @@ class Runner:
             del self.tasks[task.key]
             code = os.waitstatus_to_exitcode(status)
             task.proc.returncode = code       # so Popen does not wait for it again
-            # Whatever the task left behind goes with it.
-            self._signal_task(task, signal.SIGKILL)
+            # Whatever the task left behind goes with it (the rest of its job's cgroup
+            # once its job's last task here has ended).
+            self._signal_task(task, signal.SIGKILL, whole_job=False)
             exit_code, sig = (code, None) if code >= 0 else (None, -code)
             cause = task.stop_cause or EndCause.EXITED
+            group = self.groups.get(task.key[:2])
+            if cause == EndCause.EXITED and group is not None and group.out_of_memory():
+                cause = EndCause.OUT_OF_MEMORY
+                task.stop_message = "the kernel killed a process of the job for going over its memory (--mem)"
+            self._release_if_done(*task.key[:2])
             reports.append(task_end(task.key, cause, exit_code, sig, task.stop_message))
             log.debug("job %d rank %d ended: %s, exit %s, signal %s", task.key[0], task.key[2], cause, exit_code, sig)
         return reports

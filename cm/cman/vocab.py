@@ -4,7 +4,7 @@ fast-starting CLI) can use it.
 """
 
 # 2: a Launch says whether its job may run again elsewhere (may_requeue), for fencing.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Largest JSON message accepted on either channel. A launch carries the
 # submitter's environment, which is the biggest thing we send.
@@ -20,9 +20,10 @@ class JobState:
     CANCELLED = "CANCELLED"      # cmkill
     TIMEOUT = "TIMEOUT"          # a task outlived the job's time limit
     NODE_FAIL = "NODE_FAIL"      # a node running it was lost, no retries left
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"  # the kernel killed a process of it for going over --mem
 
     ACTIVE = frozenset({PENDING, RUNNING})
-    FINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL})
+    FINAL = frozenset({COMPLETED, FAILED, CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY})
     ALL = ACTIVE | FINAL
     # Not a state a job is ever in: what cmkill answers for a running job its nodes are told to stop.
     CANCELLING = "CANCELLING"
@@ -59,7 +60,8 @@ class EndCause:
     KILLED = "killed"            # killed because the head asked (cmkill, requeue)
     LAUNCH_FAILED = "launch_failed"  # could not be started (no such command, bad directory)
     LOST = "lost"                # the head expected it, the node does not have it
-    ALL = frozenset({EXITED, TIMEOUT, KILLED, LAUNCH_FAILED, LOST})
+    OUT_OF_MEMORY = "out_of_memory"  # the job's cgroup went over its memory and the kernel killed it
+    ALL = frozenset({EXITED, TIMEOUT, KILLED, LAUNCH_FAILED, LOST, OUT_OF_MEMORY})
 
 
 class Op:

@@ -53,6 +53,8 @@ def run_daemon(args):
     cfg = config.load()
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ..keys import check_keys_or_insecure
+    check_keys_or_insecure(cfg, args.role, logging.getLogger("cm." + args.role))
     if args.role == "head":
         if args.name or args.cpus or args.mem is not None:
             raise UsageError("--name, --cpus and --mem are for --role compute")

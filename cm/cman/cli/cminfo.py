@@ -44,9 +44,9 @@ def node_lines(nodes):
     rows = [(n["name"], n["status"], f"{n['alloc_cpus']}/{n['cpus']}",
              f"{units.format_mem(n['alloc_mem_mb'])}/{units.format_mem(n['mem_mb'])}",
              units.format_mem(n["mem_used_mb"]), f"{n['load']:.2f}",
-             ",".join(map(str, n["jobs"])) or "-", n["reason"] or "")
+             n.get("containment") or "-", ",".join(map(str, n["jobs"])) or "-", n["reason"] or "")
             for n in nodes]
-    out = table(rows, ("NODE", "STATE", "CPUS(A/T)", "MEM(A/T)", "MEM USED", "LOAD", "JOBS", "REASON"))
+    out = table(rows, ("NODE", "STATE", "CPUS(A/T)", "MEM(A/T)", "MEM USED", "LOAD", "CONTAINMENT", "JOBS", "REASON"))
     up = [n for n in nodes if n["state"] == "UP"]
     total = sum(n["cpus"] for n in up)
     alloc = sum(n["alloc_cpus"] for n in up)
@@ -88,9 +88,13 @@ def main(args):
         fields["limit"] = args.limit
     reply = request(settings, Op.INFO, **fields)
     if args.json:
-        print(json.dumps({"nodes": reply["nodes"], "jobs": reply["jobs"]}, indent=1, sort_keys=True))
+        print(json.dumps({"nodes": reply["nodes"], "jobs": reply["jobs"], "insecure": reply["insecure"]},
+                         indent=1, sort_keys=True))
     else:
         parts = []
+        if reply["insecure"]:
+            parts.append("INSECURE: the head runs without keys (insecure = true): anyone who reaches its port "
+                         "can pose as a node and receive users' jobs")
         if want_nodes:
             parts.append(node_lines(reply["nodes"]) if reply["nodes"] else "no compute nodes have registered")
         if want_jobs:

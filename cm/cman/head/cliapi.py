@@ -40,8 +40,9 @@ def user_name(uid):
 
 
 class CliApi:
-    def __init__(self, cfg, nodes, queue, out, wall):
+    def __init__(self, cfg, nodes, queue, out, wall, sealer):
         self.cfg, self.nodes, self.queue, self.out, self.wall = cfg, nodes, queue, out, wall
+        self.sealer = sealer
         self.replies = collections.OrderedDict()  # request_key -> the reply, or None while in progress
         self.retries = {}                # request_key -> callers who asked again meanwhile
         self.waiters = {}                # job id -> callers waiting for its end
@@ -132,6 +133,7 @@ class CliApi:
             retries=msg.get("retries", cfg.default_retries),
             submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
         )
+        job.seal = self.sealer.seal(job)
         why = placement.never_fits(job, self.nodes.capacity())
         limit = cfg.max_active_jobs_per_user
         if limit and self.queue.active_by_uid[caller.uid] >= limit:
@@ -171,7 +173,8 @@ class CliApi:
         want_nodes, want_jobs = msg.get("nodes", False), msg.get("jobs", False)
         if not want_nodes and not want_jobs:
             want_nodes = want_jobs = True
-        reply = InfoReply(nodes=self.nodes.views() if want_nodes else [], jobs=[], missing=[])
+        reply = InfoReply(nodes=self.nodes.views() if want_nodes else [], jobs=[], missing=[],
+                          insecure=not self.cfg.keys_dir)
         if not want_jobs:
             self.out.reply(caller, reply)
         elif msg.get("job_ids"):

@@ -20,11 +20,11 @@ log = logging.getLogger("cm.head")
 
 
 class Core:
-    def __init__(self, cfg, out, clock, wall):
+    def __init__(self, cfg, out, clock, wall, sealer):
         self.cfg, self.out, self.clock, self.wall = cfg, out, clock, wall
         self.nodes = Nodes(cfg, clock, wall)
-        self.queue = JobQueue(cfg, self.nodes, out, wall)
-        self.cli = CliApi(cfg, self.nodes, self.queue, out, wall)
+        self.queue = JobQueue(cfg, self.nodes, out, wall, sealer)
+        self.cli = CliApi(cfg, self.nodes, self.queue, out, wall, sealer)
         self.compute_handlers = {
             Op.REGISTER: self.on_register,
             Op.HEARTBEAT: self.on_heartbeat,
@@ -64,12 +64,12 @@ class Core:
     # ---- compute daemons ----
 
     def on_register(self, name, msg):
-        node, changed = self.nodes.registered(name, msg.cpus, msg.mem_mb)
+        node, changed = self.nodes.registered(name, msg.cpus, msg.mem_mb, msg.containment)
         if changed:
             self.out.writer.save_node(name, node.stored())
         self.queue.triggers.add(f"node {name} ready")
-        log.info("node %s registered: %d CPUs, %d MiB, running %d tasks, reporting %d ended",
-                 name, msg.cpus, msg.mem_mb, len(msg.running), len(msg.ended))
+        log.info("node %s registered: %d CPUs, %d MiB, %s, running %d tasks, reporting %d ended",
+                 name, msg.cpus, msg.mem_mb, msg.containment, len(msg.running), len(msg.ended))
         self.out.send(name, messages.Welcome(heartbeat_interval=self.cfg.heartbeat_interval,
                                              node_timeout=self.cfg.node_timeout))
         # After a (re)registration: match what the node runs with what the head expects.

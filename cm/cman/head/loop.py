@@ -13,6 +13,7 @@ import zmq
 from .. import keys, messages, wakeup
 from ..cliserver import CliServer
 from ..messages import BadMessage, VersionMismatch
+from ..seal import Sealer
 from ..store import StoreError
 from ..vocab import MAX_MESSAGE_BYTES, Op
 from ..writer import Writer
@@ -45,16 +46,22 @@ class Head:
         self.cfg, self.store, self.clock, self.wall = cfg, store, clock, wall
         self.stopping = False
         self.other_versions = set()      # names of nodes refused for speaking another protocol version
+        self.routes = {}                 # node name -> the routing id of its connection
+        self.peers = {}                  # routing id -> node name (the routes, inverted)
         state = load(store)
         self.writer = Writer(store, state)
-        self.core = Core(cfg, self, clock, wall)
+        self.core = Core(cfg, self, clock, wall, Sealer.from_keys_dir(cfg.keys_dir))
         restore(self.core, state)
 
     # ---- what the core asks for (with self.writer) ----
 
     def send(self, name, msg):
+        peer = self.routes.get(name)
+        if peer is None:
+            log.warning("could not send %s to node %s: it has no connection", msg.OP, name)
+            return False
         try:
-            self.router.send_multipart([name.encode("ascii"), msg.encode()], zmq.NOBLOCK)
+            self.router.send_multipart([peer, msg.encode()], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as e:         # not connected (EHOSTUNREACH) or its queue is full
             log.warning("could not send %s to node %s: %s", msg.OP, name, e)
@@ -72,15 +79,12 @@ class Head:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)   # nothing larger is buffered
         # MANDATORY: a send to a node that is not connected fails instead of vanishing.
+        # Routing ids are the ROUTER's own (nodes set none), and a node is known by
+        # the key it connected with (node_of), so no connection can take another's over.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # HANDOVER: a node that reconnects under its old identity takes it over;
-        # without it the new connection would be silently ignored.
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.auth = None
         if self.cfg.keys_dir:
             self.auth = keys.serve_securely(self.ctx, self.router, self.cfg.keys_dir, logging.getLogger("cm.auth"))
-        else:
-            log.warning("keys_dir is empty: compute traffic is neither encrypted nor authenticated")
         self.router.bind(f"tcp://{self.cfg.head_bind}:{self.cfg.head_port}")
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -134,43 +138,75 @@ class Head:
     def drain_compute(self):
         for _ in range(BATCH):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.on_compute_frames(frames)
 
     def on_compute_frames(self, frames):
         if len(frames) != 2:
-            log.warning("dropped a compute frame set of %d parts (want identity and one message)", len(frames))
+            log.warning("dropped a compute frame set of %d parts (want one message)", len(frames) - 1)
             return
-        identity, payload = frames
+        peer, payload = frames[0].bytes, frames[1]
+        key_name = payload.get("User-Id") if self.auth is not None else None
         try:
-            name = identity.decode("ascii")
-            msg = messages.decode(payload, messages.COMPUTE_TO_HEAD)
+            msg = messages.decode(payload.bytes, messages.COMPUTE_TO_HEAD)
         except VersionMismatch as e:
-            self.refuse_other_version(identity, e)
+            self.refuse_other_version(peer, key_name, e)
             return
-        except (UnicodeDecodeError, BadMessage) as e:
-            log.warning("dropped a bad message from node %r: %s", identity[:64], e)
+        except BadMessage as e:
+            log.warning("dropped a bad message from %s: %s", self.describe(peer, key_name), e)
             return
-        if msg.OP == Op.REGISTER and msg.name != name:
-            log.warning("dropped register of %r arriving as identity %r", msg.name, name)
-            return
-        self.core.on_compute(name, msg)
+        name = self.node_of(peer, key_name, msg)
+        if name is not None:
+            self.core.on_compute(name, msg)
 
-    def refuse_other_version(self, identity, error):
+    def node_of(self, peer, key_name, msg):
+        """The node a message comes from: with keys, the node whose key sent it (a register
+        under another name is refused); without, the name its connection registered with.
+        A node's latest connection is where the head sends to it."""
+        if self.auth is not None:
+            if not key_name:
+                log.warning("dropped a message from a connection with no node's key")
+                return None
+            if msg.OP == Op.REGISTER and msg.name != key_name:
+                log.warning("refused a register as node %r from the holder of node %s's key",
+                            msg.name, key_name)
+                return None
+            name = key_name
+        elif msg.OP == Op.REGISTER:
+            name = msg.name
+        else:
+            name = self.peers.get(peer)
+            if name is None:              # a connection that has not registered (a head restart)
+                self.send_to_peer(peer, messages.RegisterAgain())
+                return None
+        if msg.OP == Op.REGISTER or self.auth is not None:
+            old = self.routes.get(name)
+            if old != peer:
+                self.peers.pop(old, None)
+                self.routes[name], self.peers[peer] = peer, name
+        return name
+
+    def describe(self, peer, key_name):
+        return f"node {key_name}" if key_name else f"connection {peer.hex()}"
+
+    def send_to_peer(self, peer, msg):
+        try:
+            self.router.send_multipart([peer, msg.encode()], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def refuse_other_version(self, peer, key_name, error):
         """A node of another release: it is never registered, and both logs say what to upgrade.
         Each register it sends is answered with a message in this head's version, which its
         decoding refuses, naming the version."""
-        name = identity[:64].decode("ascii", "replace")
-        if name not in self.other_versions:
-            self.other_versions.add(name)
-            log.error("refused node %s: %s", name, messages.upgrade_advice(error.version, f"node {name}"))
+        who = self.describe(peer, key_name)
+        if who not in self.other_versions:
+            self.other_versions.add(who)
+            log.error("refused %s: %s", who, messages.upgrade_advice(error.version, who))
         if error.op == Op.REGISTER:
-            try:
-                self.router.send_multipart([identity, messages.RegisterAgain().encode()], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            self.send_to_peer(peer, messages.RegisterAgain())
 
     def on_writes_finished(self):
         for op, outcome in self.writer.take_finished():

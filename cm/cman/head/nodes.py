@@ -36,6 +36,7 @@ class Node:
         self.jobs = set()                # ids of jobs with tasks here
         self.load = self.cpu_percent = 0.0
         self.mem_used_mb = 0
+        self.containment = ""            # how the node contains jobs (cgroup v1/v2, process groups)
 
     @property
     def ready(self):
@@ -62,7 +63,7 @@ class Node:
             "cpus": self.cpus, "alloc_cpus": self.alloc_cpus,
             "mem_mb": self.mem_mb, "alloc_mem_mb": self.alloc_mem_mb, "mem_used_mb": self.mem_used_mb,
             "load": round(self.load, 2), "cpu_percent": round(self.cpu_percent, 1),
-            "jobs": sorted(self.jobs), "state_since": self.state_since,
+            "jobs": sorted(self.jobs), "state_since": self.state_since, "containment": self.containment,
         }
 
 
@@ -117,12 +118,12 @@ class Nodes:
             node.connected = False
             self.plan_forget(node, now)
 
-    def registered(self, name, cpus, mem_mb):
+    def registered(self, name, cpus, mem_mb, containment=""):
         """A node (new, back, or reconnecting) says who it is. Returns it and whether
         what the database keeps of it changed."""
         node = self.by_name.get(name) or self.add(Node(name, cpus, mem_mb))
         before = node.stored()
-        node.cpus, node.mem_mb = cpus, mem_mb
+        node.cpus, node.mem_mb, node.containment = cpus, mem_mb, containment
         node.last_seen = self.clock()
         node.connected = True
         if node.state != NodeState.UP:

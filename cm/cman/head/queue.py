@@ -20,16 +20,19 @@ import collections
 import logging
 
 from .. import jobs as lifecycle
-from .. import messages, placement
+from .. import messages, placement, units
 from ..vocab import EndCause, JobState, NodeState, PendingReason
 from .nodes import Node
 
 log = logging.getLogger("cm.head")
 
+ALTERED = "its record in the database does not match the head's seal (altered there?): it runs nothing"
+
 
 class JobQueue:
-    def __init__(self, cfg, nodes, out, wall):
+    def __init__(self, cfg, nodes, out, wall, sealer):
         self.cfg, self.nodes, self.out, self.wall = cfg, nodes, out, wall
+        self.sealer = sealer             # checks, before any launch, that a job is as submitted
         self.jobs = {}                   # id -> Job, for PENDING and RUNNING jobs
         self.pending = []                # ids of PENDING jobs, in submission order
         self.ended = collections.OrderedDict()   # id -> Job, the latest ended ones
@@ -133,6 +136,10 @@ class JobQueue:
             log.error("job %d: the database refused to record its start (%s); it fails", job.id, error)
             lifecycle.set_fate(job, JobState.FAILED)
             job.reason = "the database refused to record its start"
+        elif not self.sealer.verify(job):
+            log.error("job %d: %s", job.id, ALTERED)
+            lifecycle.set_fate(job, JobState.FAILED)
+            job.reason = ALTERED
         if job.fate is not None:          # cancelled (or doomed) before it could start
             for name in list(job.outstanding):
                 self.end_outstanding(job, name, EndCause.KILLED)
@@ -146,7 +153,7 @@ class JobQueue:
             job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=node_rank,
             nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
             env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit,
-            may_requeue=job.retries > 0))
+            may_requeue=job.retries > 0, cpus=placement.cpus_per_node(job), mem_mb=job.mem_mb))
 
     def reconcile(self, node, running):
         """A node registered (again) saying what it runs. A task the head expects and the
@@ -164,7 +171,10 @@ class JobQueue:
             if not job.launched or job.fate is not None:
                 continue                  # its launch waits for the database, or it is being stopped
             missing = sorted(r for r in job.outstanding.get(node.name, ()) if (job.id, job.attempt, r) not in running)
-            if missing:
+            if missing and not self.sealer.verify(job):
+                log.error("job %d: %s", job.id, ALTERED)
+                self.doom(job, JobState.FAILED, ALTERED)
+            elif missing:
                 log.warning("node %s never received ranks %s of job %d; sending them again", node.name, missing, job.id)
                 self.send_launch(job, job.node_list.index(node.name), missing)
         strays = set()
@@ -229,6 +239,8 @@ class JobQueue:
             touched[job.id] = job
             if r["cause"] == EndCause.TIMEOUT:
                 job.reason = f"time limit of {job.time_limit}s reached"
+            elif r["cause"] == EndCause.OUT_OF_MEMORY:
+                job.reason = f"rank {r['rank']} on {node_name} went over the job's memory ({units.format_mem(job.mem_mb)})"
             elif r["cause"] in (EndCause.LAUNCH_FAILED, EndCause.LOST) and r["message"]:
                 job.reason = f"rank {r['rank']} on {node_name}: {r['message']}"
             if r["cause"] == EndCause.LOST:

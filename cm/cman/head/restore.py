@@ -7,8 +7,9 @@ of a lost node at once.
 import logging
 
 from ..jobs import Job
-from ..vocab import NodeState
+from ..vocab import JobState, NodeState
 from .nodes import LIVENESS, Node
+from .queue import ALTERED
 
 log = logging.getLogger("cm.head")
 
@@ -27,10 +28,16 @@ def restore(core, state):
             core.nodes.plan_forget(node, now, already=down_for)
     for fields in state["ended"]:          # ended since the last compaction: the most recent
         core.queue.remember_ended(Job(**fields))
+    altered = []
     for _, fields in sorted(state["jobs"].items()):
         job = Job(**fields)
         core.cli.remember(job)
         core.queue.add(job)
+        if job.state == JobState.RUNNING and not core.queue.sealer.verify(job):
+            altered.append(job)           # a pending one fails at its launch
+    for job in altered:
+        log.error("job %d: %s", job.id, ALTERED)
+        core.queue.doom(job, JobState.FAILED, ALTERED)
     for node in list(core.nodes.values()):
         if node.state == NodeState.DOWN and node.jobs:
             core.queue.fail_tasks_on(node, f"node {node.name} was down when the head started")

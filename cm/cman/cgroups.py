@@ -1,0 +1,291 @@
+"""Containment of a job's tasks on a compute node: what a job starts stops
+with it, and uses what it asked for (as Slurm's task/cgroup).
+
+Each job attempt gets a cgroup of its own on the node, holding every process
+its ranks start here, however they detach (setsid, double forks, env -i):
+- stopping the job signals every process in it, and once its last rank here
+  has ended, what is left in it is killed and the cgroup removed;
+- its memory is limited to what the job asked for (--mem, per node), without
+  swap, and a task the kernel kills for it ends as OUT_OF_MEMORY;
+- its CPU time is limited to the CPUs it was given (a CPU quota).
+
+Both cgroup versions are supported: v1 (one hierarchy per controller, each
+job a directory <root>/<controller>/<prefix>/<node>/job_<id>.<attempt>) and
+v2 (one hierarchy, each job <root>/<prefix>/<node>/job_<id>.<attempt>, with
+the controllers enabled down that path). Where no cgroup can be made, process groups remain (what
+a task's group and the processes it visibly started receive), and the node
+says so when it registers: cminfo shows each node's containment.
+
+Nothing here runs between fork and exec but join_files(): the task writes
+its own pid into those files itself, as root, before it becomes the user.
+"""
+import logging
+import os
+import signal
+
+log = logging.getLogger("cm.cgroups")
+
+PROCESS_GROUPS = "process groups"
+CPU_PERIOD_US = 100000
+# Rounds of "signal every process in the cgroup" while processes fork anew.
+KILL_ROUNDS = 20
+
+
+class ContainmentError(Exception):
+    """The containment asked for cannot be had here; the message says why."""
+
+
+# O_CREAT: a cgroup's files exist already, and a faked hierarchy (tests) gets them made.
+WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+# How a task adds its pid to cgroup.procs (appending, where a faked file is a plain one).
+JOIN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+
+
+def _write(path, text):
+    fd = os.open(path, WRITE_FLAGS, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _pids(procs_file):
+    return [int(p) for p in _read(procs_file).split() if p.isdigit()]
+
+
+def _counter(path, name):
+    """The value of `name N` in a flat-keyed cgroup file (memory.events, memory.oom_control)."""
+    for line in _read(path).splitlines():
+        key, _, value = line.partition(" ")
+        if key == name and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+class JobGroup:
+    """One job attempt's cgroup on this node (one directory per hierarchy used)."""
+
+    def __init__(self, version, dirs):
+        self.version = version            # 1 or 2
+        self.dirs = dirs                  # {controller or "": path}; v2 has one, under ""
+        self.removed = False
+
+    def join_files(self):
+        """The files a task writes its pid into to join the job (every hierarchy's)."""
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
+
+    def _main_dir(self):
+        return self.dirs.get("", self.dirs.get("memory") or next(iter(self.dirs.values())))
+
+    def pids(self):
+        return _pids(os.path.join(self._main_dir(), "cgroup.procs"))
+
+    def signal(self, sig):
+        """Signal every process in the job's cgroup."""
+        if sig == signal.SIGKILL and self.version == 2 and os.path.exists(os.path.join(self._main_dir(), "cgroup.kill")):
+            try:
+                _write(os.path.join(self._main_dir(), "cgroup.kill"), "1")
+            except OSError as e:
+                log.warning("cannot write %s/cgroup.kill: %s", self._main_dir(), e)
+        for pid in self.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+            except PermissionError as e:
+                log.warning("cannot signal pid %d of %s: %s", pid, self._main_dir(), e)
+
+    def kill_all(self):
+        """SIGKILL every process in it, again while some fork anew; with v1's freezer they
+        are frozen first, so that none can. Returns True once none is left."""
+        freezer = self.dirs.get("freezer")
+        if freezer:
+            self._freeze(freezer, "FROZEN")
+        try:
+            for _ in range(KILL_ROUNDS):
+                if not self.pids():
+                    return True
+                self.signal(signal.SIGKILL)
+        finally:
+            if freezer:
+                self._freeze(freezer, "THAWED")    # frozen processes cannot die of the SIGKILL
+        return not self.pids()
+
+    @staticmethod
+    def _freeze(directory, state):
+        try:
+            _write(os.path.join(directory, "freezer.state"), state)
+        except OSError as e:
+            log.debug("cannot set %s to %s: %s", directory, state, e)
+
+    def out_of_memory(self):
+        """Whether the kernel has killed a process of the job for going over its memory."""
+        if self.version == 2:
+            return _counter(os.path.join(self.dirs[""], "memory.events"), "oom_kill") > 0
+        memory = self.dirs.get("memory")
+        return bool(memory) and _counter(os.path.join(memory, "memory.oom_control"), "oom_kill") > 0
+
+    def remove(self):
+        """Kill what is left and remove the directories; True once they are gone."""
+        self.kill_all()
+        gone = True
+        for directory in self.dirs.values():
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as e:              # a process not yet fully gone: tried again later
+                log.debug("cannot remove %s yet: %s", directory, e)
+                gone = False
+        self.removed = gone
+        return gone
+
+
+class ProcessGroups:
+    """No cgroups: a job's tasks are their process groups (tasks.py signals those)."""
+    name = PROCESS_GROUPS
+    controllers = ()
+
+    def job_group(self, job, attempt, cpus, mem_mb):
+        return None
+
+    def leftovers(self):
+        return []
+
+    def close(self):
+        pass
+
+
+class CgroupV1:
+    """cgroup v1: <root>/<controller>/<prefix>/<node>/job_<id>.<attempt> in each hierarchy used."""
+    CONTROLLERS = ("memory", "cpu", "freezer", "pids")
+
+    def __init__(self, root, prefix, node):
+        self.root = root
+        self.bases = {}
+        for controller in self.CONTROLLERS:
+            top = os.path.join(root, controller)
+            if os.path.isfile(os.path.join(top, "cgroup.procs")):
+                self.bases[controller] = os.path.join(top, prefix, node)
+        if "memory" not in self.bases and "pids" not in self.bases:
+            raise ContainmentError(f"{root} has no cgroup v1 memory or pids hierarchy")
+        for base in self.bases.values():
+            os.makedirs(base, exist_ok=True)
+        self.name = "cgroup v1"
+        self.controllers = sorted(self.bases)
+
+    def job_group(self, job, attempt, cpus, mem_mb):
+        leaf = f"job_{job}.{attempt}"
+        dirs = {c: os.path.join(base, leaf) for c, base in self.bases.items()}
+        for directory in dirs.values():
+            os.makedirs(directory, exist_ok=True)
+        if mem_mb and "memory" in dirs:
+            limit = str(mem_mb << 20)
+            _write(os.path.join(dirs["memory"], "memory.limit_in_bytes"), limit)
+            memsw = os.path.join(dirs["memory"], "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):         # swap accounting on: no swap beyond the limit
+                _write(memsw, limit)
+        if cpus and "cpu" in dirs and os.path.exists(os.path.join(dirs["cpu"], "cpu.cfs_quota_us")):
+            _write(os.path.join(dirs["cpu"], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            _write(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"), str(cpus * CPU_PERIOD_US))
+        return JobGroup(1, dirs)
+
+    def leftovers(self):
+        """The job cgroups a previous daemon of this node left (it crashed, or was killed)."""
+        found = {}
+        for controller, base in self.bases.items():
+            for leaf in _job_dirs(base):
+                found.setdefault(leaf, {})[controller] = os.path.join(base, leaf)
+        return [JobGroup(1, dirs) for dirs in found.values()]
+
+    def close(self):
+        """The daemon stops: remove its (empty) node directories and the prefix's, where empty."""
+        for controller, base in self.bases.items():
+            _remove_up_to(base, os.path.join(self.root, controller))
+
+
+class CgroupV2:
+    """cgroup v2: <root>/<prefix>/<node>/job_<id>.<attempt>, with the controllers handed down
+    to the jobs along that path (a cgroup that hands them down holds no processes, and these
+    hold none: the daemon stays where it was started)."""
+
+    def __init__(self, root, prefix, node):
+        self.root = root
+        available = _read(os.path.join(root, "cgroup.controllers")).split()
+        self.controllers = [c for c in ("memory", "cpu", "pids") if c in available]
+        self.base = os.path.join(root, prefix, node)
+        os.makedirs(self.base, exist_ok=True)
+        enable = " ".join("+" + c for c in self.controllers)
+        directory = root
+        for part in [*prefix.split("/"), node]:
+            if enable:
+                _write(os.path.join(directory, "cgroup.subtree_control"), enable)
+            directory = os.path.join(directory, part)
+        if enable:
+            _write(os.path.join(directory, "cgroup.subtree_control"), enable)
+        self.name = "cgroup v2"
+
+    def job_group(self, job, attempt, cpus, mem_mb):
+        directory = os.path.join(self.base, f"job_{job}.{attempt}")
+        os.makedirs(directory, exist_ok=True)
+        if mem_mb and "memory" in self.controllers:
+            _write(os.path.join(directory, "memory.max"), str(mem_mb << 20))
+            if os.path.exists(os.path.join(directory, "memory.swap.max")):
+                _write(os.path.join(directory, "memory.swap.max"), "0")
+        if cpus and "cpu" in self.controllers:
+            _write(os.path.join(directory, "cpu.max"), f"{cpus * CPU_PERIOD_US} {CPU_PERIOD_US}")
+        return JobGroup(2, {"": directory})
+
+    def leftovers(self):
+        return [JobGroup(2, {"": os.path.join(self.base, leaf)}) for leaf in _job_dirs(self.base)]
+
+    def close(self):
+        _remove_up_to(self.base, self.root)
+
+
+def _remove_up_to(directory, top):
+    """rmdir directory and its parents below top, as long as they are empty."""
+    while directory != top:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+        directory = os.path.dirname(directory)
+
+
+def _job_dirs(base):
+    try:
+        return [e for e in os.listdir(base) if e.startswith("job_") and os.path.isdir(os.path.join(base, e))]
+    except OSError:
+        return []
+
+
+def detect(mode, root, prefix, node):
+    """The containment this node can have: mode "cgroup" demands cgroups (ContainmentError
+    if none can be made), "process-group" does without them, "auto" takes cgroups where
+    they can be made (as root, on a writable hierarchy) and process groups elsewhere."""
+    if mode == "process-group":
+        return ProcessGroups()
+    try:
+        if os.geteuid() != 0 and root == "/sys/fs/cgroup":
+            raise ContainmentError("only root makes cgroups for other users' jobs")
+        if os.path.isfile(os.path.join(root, "cgroup.controllers")):
+            return CgroupV2(root, prefix, node)
+        if os.path.isdir(os.path.join(root, "memory")) or os.path.isdir(os.path.join(root, "pids")):
+            return CgroupV1(root, prefix, node)
+        raise ContainmentError(f"no cgroup hierarchy at {root}")
+    except (OSError, ContainmentError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if mode == "cgroup":
+            raise ContainmentError(f"containment = cgroup, but no cgroup can be made under {root}: {why}") from None
+        log.warning("no cgroups under %s (%s): jobs are contained by process groups only, and a process "
+                    "that leaves its group escapes cmkill and time limits", root, why)
+        return ProcessGroups()

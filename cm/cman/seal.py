@@ -1,0 +1,46 @@
+"""Seals on job records, so that the database is no root authority.
+
+The head signs, at submission, what decides as whom and how a job runs: the
+uid, gid and user the kernel gave for the submitter's socket, the command,
+directory, environment and size. The seal is an HMAC with a key derived
+from the head's own secret key (keys.py), which the database never sees.
+Before a job is launched, and when a head loads its jobs, the seal is checked;
+a job whose record was altered (a uid set to 0, another command) fails and
+runs nothing. A copy of a sealed record can only run the same command as the
+same user again. A head without keys (insecure = true) seals nothing.
+"""
+import hashlib
+import hmac
+import json
+import os
+
+# What a seal covers: all a job's record holds that decides as whom and how it runs.
+SEALED_FIELDS = ("uid", "gid", "user", "argv", "workdir", "env", "nodes", "procs_per_node",
+                 "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id")
+CONTEXT = b"cm job seal 1"
+
+
+class Sealer:
+    def __init__(self, key):
+        self.key = key                    # bytes, or None: no seals (an insecure cluster)
+
+    @classmethod
+    def from_keys_dir(cls, keys_dir):
+        """The sealing key of the head whose keys_dir this is (None without keys)."""
+        if not keys_dir:
+            return cls(None)
+        import zmq.auth
+        _, secret = zmq.auth.load_certificate(os.path.join(keys_dir, "head.key_secret"))
+        return cls(hmac.new(secret, CONTEXT, hashlib.sha256).digest())
+
+    def seal(self, job):
+        if self.key is None:
+            return None
+        text = json.dumps([getattr(job, f) for f in SEALED_FIELDS], ensure_ascii=False, separators=(",", ":"))
+        return hmac.new(self.key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def verify(self, job):
+        """Whether the job's record is as the head sealed it."""
+        if self.key is None:
+            return True
+        return isinstance(job.seal, str) and hmac.compare_digest(job.seal, self.seal(job))
