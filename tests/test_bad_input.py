@@ -155,7 +155,8 @@ def test_thousands_of_random_requests_on_the_cli_socket(cluster, workdir, figure
 def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, workdir, figures):
     port = int(cluster.process("head")["cm_env"]["CM_HEAD_PORT"])
     rng = random.Random(7)
-    valid = json.dumps({"v": 3, "op": "heartbeat", "load": 0.1, "cpu_percent": 1, "mem_used_mb": 10}).encode()
+    valid = json.dumps({"v": 3, "op": "heartbeat", "load": 0.1, "cpu_percent": 1, "mem_used_mb": 10,
+                        "running": []}).encode()
     ctx = zmq.Context.instance()
     with ctx.socket(zmq.DEALER) as s:
         s.setsockopt(zmq.LINGER, 0)

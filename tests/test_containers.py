@@ -16,6 +16,7 @@ import docker
 import pytest
 
 from conftest import ROOT, JobViews, wait_until
+from cman import keys
 
 USER, UID = "cmtest", 23456
 # Short timings for the test clusters, through the site settings file in drive/etc.
@@ -210,8 +211,9 @@ def test_restarting_the_head_keeps_every_job_and_node_record(cc):
 
 def test_a_compute_daemon_outside_the_containers_joins_and_runs_tasks(cc):
     name = f"outside-{uuid.uuid4().hex[:6]}"
+    keys.make(os.path.join(cc.drive, "keys"), [name])     # as `cmkeys drive/keys NODE` adds a node
     env = dict(os.environ, CM_HEAD_HOST="127.0.0.1", CM_HEAD_PORT=str(cc.port), CM_HEARTBEAT_INTERVAL="0.5",
-               CM_NODE_TIMEOUT="2", CM_KEYS_DIR=os.path.join(cc.drive, "etc", "keys"),
+               CM_NODE_TIMEOUT="2", CM_KEYS_DIR=os.path.join(cc.drive, "keys", name),
                CM_STATE_DIR=os.path.join(cc.drive, "state"))
     daemon = subprocess.Popen([os.path.join(ROOT, "cm", "bin", "cmdaemon"), "--role", "compute", "--name", name,
                                "--cpus", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -176,7 +176,7 @@ def test_heartbeats_keep_a_node_up_and_silence_marks_it_down_at_the_time_out():
     register(core)
     for _ in range(5):
         clock.now += 2
-        core.on_compute("node1", messages.Heartbeat(load=0.1, cpu_percent=1.0, mem_used_mb=10))
+        core.on_compute("node1", messages.Heartbeat(load=0.1, cpu_percent=1.0, mem_used_mb=10, running=[]))
         core.tick(clock.now)
         assert core.nodes["node1"].state == NodeState.UP
     clock.now += 2.9
@@ -336,7 +336,8 @@ def test_a_cancel_wins_over_a_requeue_decided_before_it():
     core.tick(clock.now)
     writer.complete()
     clock.now += 2
-    core.on_compute("node2", messages.Heartbeat(load=0, cpu_percent=0, mem_used_mb=0))
+    core.on_compute("node2", messages.Heartbeat(load=0, cpu_percent=0, mem_used_mb=0,
+                                                        running=[{"job": 0, "attempt": 0}]))
     clock.now += 1.5                                  # node1 silent past the time-out, node2 not
     core.tick(clock.now)
     assert core.nodes["node1"].state == NodeState.DOWN and core.queue.get(0).fate == "REQUEUE"
@@ -364,3 +365,50 @@ def test_a_user_past_max_active_jobs_per_user_is_refused_and_others_are_not():
     submit(core, ALICE, "a3")
     writer.complete()
     assert out.replies[-1][1] == {"ok": True, "job_id": 3}
+
+
+def heartbeat(core, name, running):
+    core.on_compute(name, messages.Heartbeat(load=0, cpu_percent=0, mem_used_mb=0,
+                                             running=[{"job": j, "attempt": a} for j, a in running]))
+
+
+def test_a_launch_the_node_shows_no_sign_of_is_sent_again_until_it_runs():
+    core, out, writer, clock = new_core()
+    placed_job(core, writer, clock)
+    writer.complete()                                 # RUNNING recorded: the launch goes out (and is lost)
+    assert len(out.sent_ops(Op.LAUNCH)) == 1
+    heartbeat(core, "node1", [])                      # it may still be on its way
+    clock.now += CFG.heartbeat_interval
+    heartbeat(core, "node1", [])
+    assert len(out.sent_ops(Op.LAUNCH)) == 1
+    clock.now += CFG.heartbeat_interval
+    heartbeat(core, "node1", [])                      # two heartbeats without it: sent again
+    assert len(out.sent_ops(Op.LAUNCH)) == 2
+    heartbeat(core, "node1", [(0, 0)])                # it runs now: nothing more is sent
+    clock.now += 10 * CFG.heartbeat_interval
+    heartbeat(core, "node1", [(0, 0)])
+    assert len(out.sent_ops(Op.LAUNCH)) == 2
+
+
+def test_a_kill_the_node_does_not_obey_is_sent_again_and_a_stray_is_killed():
+    core, out, writer, clock = new_core()
+    placed_job(core, writer, clock)
+    writer.complete()
+    request(core, ALICE, Op.CANCEL, "c1", job_ids=[0])
+    writer.complete()
+    assert len(out.sent_ops(Op.KILL)) == 1            # lost on the way
+    for _ in range(3):
+        heartbeat(core, "node1", [(0, 0), (77, 0)])   # still runs it, and a job the head never gave it
+        clock.now += CFG.heartbeat_interval
+    kills = [(m.job, m.attempt) for _, m in [s for s in out.sent if s[1].OP == Op.KILL]]
+    assert kills.count((0, 0)) == 2 and kills.count((77, 0)) == 1
+
+
+def test_a_job_whose_record_no_longer_matches_its_seal_fails_instead_of_launching():
+    core, out, writer, clock = new_core()
+    placed_job(core, writer, clock)
+    core.queue.get(0).uid = 0                         # as if altered in the database
+    writer.complete()
+    assert out.sent_ops(Op.LAUNCH) == []
+    job = core.queue.get(0)
+    assert job.state == "FAILED" and "seal" in job.reason

@@ -15,6 +15,7 @@ predecessor's unacknowledged ends again. So a task the head expects but the
 node neither runs nor reports was never delivered, and the head sends it
 again.
 """
+import collections
 import json
 import logging
 import os
@@ -31,6 +32,11 @@ from .tasks import REMOVE_TRIES, Runner, become_subreaper, stop_leftover
 from .vocab import MAX_MESSAGE_BYTES, EndCause, Op
 
 log = logging.getLogger("cm.compute")
+
+# How many ended tasks a node remembers, so that a launch the head sends again runs none of them.
+RECENT_ENDS = 100000
+# Task ends in one message (each is at most about 1.2 kB).
+ENDS_PER_MESSAGE = 500
 
 
 def boot_id():
@@ -56,6 +62,9 @@ class Compute:
                  ",".join(self.containment.controllers))
         self.runner = Runner(name, cfg.kill_grace, clock, self.containment)
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
+        self.recent_ends = collections.OrderedDict()   # tasks ended here lately: a repeated launch
+                                                       # of one (resent by the head) runs nothing
+        self.resend_ends_at = None        # when the unacknowledged ends are sent again
         self.usage = Usage()
         self.state_path = os.path.join(cfg.state_dir, f"{name}.json")
         self.socket = None
@@ -192,6 +201,8 @@ class Compute:
         task_due = self.runner.enforce(now)
         if task_due is not None:
             due.append(task_due)
+        if self.unacked and self.welcomed and self.resend_ends_at is not None:
+            due.append(self.resend_ends_at)
         timeout = max(0, int((min(due) - now) * 1000) + 1)
         for item, _ in self.poller.poll(timeout):
             if item is self.socket:
@@ -202,6 +213,8 @@ class Compute:
         now = self.clock()
         if self.fenced_for != self.last_heard and now - self.last_heard >= self.fence_after():
             self.fence(now)
+        if self.unacked and self.welcomed and self.resend_ends_at is not None and now >= self.resend_ends_at:
+            self.send_ended(list(self.unacked.values()))    # lost on the way, or its acknowledgement was
         if now - self.last_heard >= self.head_timeout:
             self.reconnect(now)
         elif now >= self.next_heartbeat:
@@ -209,7 +222,9 @@ class Compute:
             # Launch would make the head think the launched task was lost. A head
             # that never answers is handled by the reconnect above.
             if self.welcomed:
-                self.send(messages.Heartbeat(**self.usage.sample()))
+                running = sorted({key[:2] for key in self.runner.running_keys()})
+                self.send(messages.Heartbeat(**self.usage.sample(),
+                                             running=[{"job": j, "attempt": a} for j, a in running]))
             self.next_heartbeat = now + self.heartbeat_interval
 
     def fence_after(self):
@@ -302,8 +317,16 @@ class Compute:
         self.welcomed = True
         self.backoff = self.cfg.heartbeat_interval
         self.heartbeat_interval, self.head_timeout = msg.heartbeat_interval, msg.node_timeout
+        self.resend_ends_at = self.clock() + 2 * self.heartbeat_interval   # the register carried them
 
     def on_launch(self, msg):
+        done = [r for r in msg.ranks if (msg.job, msg.attempt, r) in self.recent_ends
+                or (msg.job, msg.attempt, r) in self.unacked]
+        if done:                          # a launch sent again: what ended here does not run again
+            log.info("job %d: ranks %s ended here already; not started again", msg.job, _span(done))
+            msg.ranks = [r for r in msg.ranks if r not in set(done)]
+            if not msg.ranks:
+                return
         log.info("job %d: starting ranks %s", msg.job, _span(msg.ranks))
         failed = self.runner.launch(msg)
         self.save_state()
@@ -325,10 +348,20 @@ class Compute:
         if not reports:
             return
         for r in reports:
-            self.unacked[(r["job"], r["attempt"], r["rank"])] = r
+            key = (r["job"], r["attempt"], r["rank"])
+            self.unacked[key] = r
+            self.recent_ends[key] = True
+        while len(self.recent_ends) > RECENT_ENDS:
+            self.recent_ends.popitem(last=False)
         self.save_state()
         if self.socket is not None:
-            self.send(messages.TaskEnded(ended=reports))
+            self.send_ended(reports)
+
+    def send_ended(self, reports):
+        """Report task ends; they are sent again every resend interval until acknowledged."""
+        for start in range(0, len(reports), ENDS_PER_MESSAGE):
+            self.send(messages.TaskEnded(ended=reports[start:start + ENDS_PER_MESSAGE]))
+        self.resend_ends_at = self.clock() + 2 * self.heartbeat_interval
 
 
 def _span(ranks):

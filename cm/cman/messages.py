@@ -139,6 +139,7 @@ SIGNAL = Int(1, 128)
 EXIT_CODE = Int(0, 255)
 ENV_ENTRY = Str(65536, r"(?s)[^=]+=.*", empty=False)      # values may hold newlines (exported functions)
 TASK_KEY = Record({"job": JOB_ID, "attempt": ATTEMPT, "rank": RANK})
+JOB_ATTEMPT = Record({"job": JOB_ID, "attempt": ATTEMPT})
 TASK_END = Record({
     "job": JOB_ID, "attempt": ATTEMPT, "rank": RANK,
     "cause": OneOf(*sorted(EndCause.ALL)),
@@ -206,9 +207,11 @@ class Register(Message):
 
 
 class Heartbeat(Message):
-    """compute -> head: live usage; the head keeps it in memory only."""
+    """compute -> head: live usage, kept in memory only; and the job attempts with tasks
+    running here, against which the head sends again a launch or kill that was lost."""
     OP = Op.HEARTBEAT
-    FIELDS = {"load": Float(0, 1e6), "cpu_percent": Float(0, 1e6), "mem_used_mb": Int(0, 2**40)}
+    FIELDS = {"load": Float(0, 1e6), "cpu_percent": Float(0, 1e6), "mem_used_mb": Int(0, 2**40),
+              "running": List(JOB_ATTEMPT, max_len=100000)}
 
 
 class TaskEnded(Message):

@@ -92,7 +92,9 @@ class Simulation:
                 node = self.nodes[name]
                 if kind == "heartbeat":
                     if node.welcomed:
-                        self.send(node, messages.Heartbeat(load=0.0, cpu_percent=0.0, mem_used_mb=0))
+                        self.send(node, messages.Heartbeat(
+                            load=0.0, cpu_percent=0.0, mem_used_mb=0,
+                            running=[{"job": j, "attempt": a} for j, a in sorted(node.running)]))
                     self.at(now + self.cfg.heartbeat_interval, "heartbeat", name, None)
                 else:                     # a task's time is up
                     self.end(node, payload, EndCause.EXITED, 0, None)

@@ -88,6 +88,7 @@ class Core:
         node.last_seen = self.clock()
         node.load, node.cpu_percent, node.mem_used_mb = msg.load, msg.cpu_percent, msg.mem_used_mb
         self.out.send(name, messages.HeartbeatAck())
+        self.queue.check_running(node, {(r["job"], r["attempt"]) for r in msg.running}, node.last_seen)
 
     def on_task_ended(self, name, msg):
         node = self.nodes.get(name)

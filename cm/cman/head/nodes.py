@@ -37,6 +37,8 @@ class Node:
         self.load = self.cpu_percent = 0.0
         self.mem_used_mb = 0
         self.containment = ""            # how the node contains jobs (cgroup v1/v2, process groups)
+        self.unconfirmed = {}            # (job, attempt) -> when the node first failed to show
+                                         # a launch or kill sent to it (queue.check_running)
 
     @property
     def ready(self):

@@ -187,6 +187,54 @@ class JobQueue:
                         node.name, job_id, attempt)
             self.out.send(node.name, messages.Kill(job=job_id, attempt=attempt, reason="not expected by the head"))
 
+    def check_running(self, node, running, now):
+        """A heartbeat said which job attempts run on node. A launch the node shows no sign
+        of (its tasks neither run nor were reported ended), a job being stopped whose tasks
+        still run, or a stray, is sent again once it has stayed so for resend_after: a
+        launch or kill lost on the way (a reset connection, a full queue) cannot leave a
+        job running forever. The node ignores a launch of tasks it has already run."""
+        resend_after = 2 * self.cfg.heartbeat_interval
+        seen = set()
+        for job_id in sorted(node.jobs):
+            job = self.jobs.get(job_id)
+            if job is None or not job.launched:
+                continue
+            key = (job.id, job.attempt)
+            if job.fate is not None:
+                wrong = key in running                            # a kill not yet obeyed
+            else:
+                wrong = key not in running and bool(job.outstanding.get(node.name))   # a launch not arrived
+            if wrong and self._unconfirmed_for(node, key, now) >= resend_after:
+                seen.add(key)
+                node.unconfirmed[key] = now                       # the next try, resend_after from now
+                if job.fate is not None:
+                    log.warning("node %s still runs job %d, told to stop; telling it again", node.name, job.id)
+                    self.out.send(node.name, messages.Kill(job=job.id, attempt=job.attempt, reason=job.reason))
+                elif not self.sealer.verify(job):
+                    log.error("job %d: %s", job.id, ALTERED)
+                    self.doom(job, JobState.FAILED, ALTERED)
+                else:
+                    log.warning("node %s shows no sign of job %d's launch; sending it again", node.name, job.id)
+                    self.send_launch(job, job.node_list.index(node.name), sorted(job.outstanding[node.name]))
+            elif wrong:
+                seen.add(key)
+        for job_id, attempt in sorted(running):
+            job = self.jobs.get(job_id)
+            if job is None or job.attempt != attempt or job_id not in node.jobs:
+                key = (job_id, attempt)
+                seen.add(key)
+                if self._unconfirmed_for(node, key, now) >= resend_after:
+                    node.unconfirmed[key] = now
+                    log.warning("node %s runs job %d attempt %d, which should not run; killing it",
+                                node.name, job_id, attempt)
+                    self.out.send(node.name, messages.Kill(job=job_id, attempt=attempt, reason="not expected by the head"))
+        for key in [k for k in node.unconfirmed if k not in seen]:
+            del node.unconfirmed[key]     # confirmed since, or gone
+
+    @staticmethod
+    def _unconfirmed_for(node, key, now):
+        return now - node.unconfirmed.setdefault(key, now)
+
     # ---- stopping and ending ----
 
     def doom(self, job, fate, why):

@@ -1,0 +1,134 @@
+"""Messages lost on the way are sent again: a launch, a kill and a task's end
+that a connection loses (while the node stays UP, under node_timeout) still
+take effect, and nothing runs twice.
+
+A compute daemon reaches the head through a TCP relay of the test's, which
+can throw away, for a moment, what flows one way: ZeroMQ then sees a broken
+stream, reconnects by itself, and whatever was in flight is gone, as when a
+connection is reset.
+"""
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import BIN, make_cluster, wait_until
+
+TO_NODE, TO_HEAD = "to node", "to head"
+
+
+class Relay:
+    """127.0.0.1:port -> the head's port, for every connection; drop() discards what
+    flows one way for a while."""
+
+    def __init__(self, target_port):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.drop_until = {TO_NODE: 0.0, TO_HEAD: 0.0}
+        self.dropped = {TO_NODE: 0, TO_HEAD: 0}
+        self.closed = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def drop(self, direction, seconds):
+        self.drop_until[direction] = time.monotonic() + seconds
+
+    def accept(self):
+        while not self.closed:
+            try:
+                node_side, _ = self.listener.accept()
+            except OSError:
+                return
+            head_side = socket.create_connection(self.target)
+            threading.Thread(target=self.pump, args=(node_side, head_side, TO_HEAD), daemon=True).start()
+            threading.Thread(target=self.pump, args=(head_side, node_side, TO_NODE), daemon=True).start()
+
+    def pump(self, source, sink, direction):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if time.monotonic() < self.drop_until[direction]:
+                    self.dropped[direction] += len(data)
+                    continue
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+
+
+@pytest.fixture
+def relayed(request, tmp_path):
+    """A one-node cluster whose node talks to the head through a Relay."""
+    cluster = make_cluster(request, nodes=1)
+    node_env = cluster.process("node1")["cm_env"]
+    cluster.ok("cmcluster", "stop", "node1", "--dir", cluster.dir)
+    relay = Relay(int(node_env["CM_HEAD_PORT"]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+    env.update(node_env, CM_HEAD_PORT=str(relay.port))
+    log = open(tmp_path / "node1.log", "w")
+    node = subprocess.Popen([os.path.join(BIN, "cmdaemon"), "--role", "compute", "--name", "node1",
+                             "--cpus", "2", "--mem", "4G"], env=env, stdout=log, stderr=log)
+    wait_until(lambda: head_log(cluster).count("node node1 registered") == 2, timeout=20,
+               what="node1 to register again, through the relay")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    yield cluster, relay, str(workdir)
+    node.terminate()
+    node.wait(timeout=30)
+    relay.close()
+    log.close()
+
+
+def head_log(cluster):
+    with open(os.path.join(cluster.dir, "head.log")) as f:
+        return f.read()
+
+
+def test_a_lost_launch_is_sent_again_and_the_job_runs_once(relayed):
+    cluster, relay, workdir = relayed
+    relay.drop(TO_NODE, 0.5)
+    job = cluster.submit("sh", "-c", "echo ran >> runs", cwd=workdir)
+    cluster.wait_state(job, "COMPLETED", timeout=20)
+    assert relay.dropped[TO_NODE] > 0
+    assert f"node node1 shows no sign of job {job}'s launch; sending it again" in head_log(cluster)
+    with open(os.path.join(workdir, "runs")) as f:
+        assert f.read() == "ran\n"
+
+
+def test_a_lost_kill_is_sent_again(relayed):
+    cluster, relay, workdir = relayed
+    job = cluster.submit("sleep", "300", cwd=workdir)
+    cluster.wait_state(job, "RUNNING")
+    wait_until(lambda: any(n["jobs"] == [job] for n in cluster.info("--nodes")["nodes"]), what="the job on node1")
+    relay.drop(TO_NODE, 0.5)
+    cluster.ok("cmkill", str(job))
+    cluster.wait_state(job, "CANCELLED", timeout=20)
+    assert relay.dropped[TO_NODE] > 0
+    assert f"node node1 still runs job {job}, told to stop; telling it again" in head_log(cluster)
+
+
+def test_a_lost_task_end_is_reported_again(relayed):
+    cluster, relay, workdir = relayed
+    job = cluster.submit("sh", "-c", "touch started; while [ ! -e go ]; do sleep 0.02; done", cwd=workdir)
+    wait_until(lambda: os.path.exists(os.path.join(workdir, "started")), what="the task to start")
+    relay.drop(TO_HEAD, 0.6)
+    open(os.path.join(workdir, "go"), "w").close()
+    cluster.wait_state(job, "COMPLETED", timeout=20)
+    assert relay.dropped[TO_HEAD] > 0
+    # The node never registered again (which would have carried the report): it was sent again.
+    assert head_log(cluster).count("node node1 registered") == 2
