@@ -28,7 +28,7 @@ COMPOSE_BIN := $(shell if docker compose version >/dev/null 2>&1; then echo "doc
 # The compute services compute1 ... computeN, written by `make` (scripts/cluster compose-nodes);
 # kept in the drive, so that `make down` and `make logs` act on the nodes the last `make` started.
 NODES_FILE   = $(CM_DRIVE)/etc/compose-nodes.yml
-COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) CM_PROJECT=$(PROJECT) \
+COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) CM_PROJECT=$(PROJECT) CM_DB_URL='$(DB_URL)' \
                $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml -f $(NODES_FILE) \
                $(if $(PUBLISH),-f $(CURDIR)/docker-compose.publish.yml)
 FERRETDB    := .build/cm-ferretdb
@@ -39,6 +39,8 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Which database image: decided once per make run, only by targets that need it.
 DB_KIND      = $(eval DB_KIND := $(shell DB=$(DB) MONGO_IMAGE=$(MONGO_IMAGE) scripts/choose-db))$(DB_KIND)
 DB_IMAGE     = $(if $(filter mongo,$(DB_KIND)),$(MONGO_IMAGE),cm-ferretdb:latest)
+# mongo checks credentials; FerretDB does not, so the head reaches it on a socket only root may use.
+DB_URL       = $(if $(filter mongo,$(DB_KIND)),mongodb://cm@db:27017/cm?authSource=admin,mongodb://%2Frun%2Fcm-db%2Fdb.sock/cm)
 
 .PHONY: all up images keys host-tools exec-head down clean logs test unit deps ferretdb local local-down bench help
 
@@ -63,7 +65,7 @@ keys: images
 	@mkdir -p $(CM_DRIVE)
 	-@rm -rf $(CM_DRIVE)/etc/keys
 	@docker run --rm -v $(CM_DRIVE):/drive --entrypoint /opt/cm/bin/cmkeys cm-head:latest \
-	  /drive/keys $(addprefix compute,$(shell seq 1 $(NODES))) | sed 's|/drive/keys|$(CM_DRIVE)/keys|'
+	  --database /drive/keys $(addprefix compute,$(shell seq 1 $(NODES))) | sed 's|/drive/keys|$(CM_DRIVE)/keys|'
 
 # What the host needs for the container cluster: Docker with Compose, and Python 3 for scripts/
 # (the standard library only). Python is installed where it is missing; Docker cannot be.

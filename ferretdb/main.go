@@ -14,25 +14,27 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/FerretDB/FerretDB/ferretdb"
 )
 
 func main() {
-	listen := flag.String("listen", "127.0.0.1:27017", "TCP address to serve the MongoDB wire protocol on")
+	listen := flag.String("listen", "127.0.0.1:27017", "TCP address to serve the MongoDB wire protocol on (empty: none)")
+	unix := flag.String("unix", "", "Unix socket to serve it on as well, usable by this process's user alone (empty: none)")
 	dir := flag.String("dir", "data", "directory for the SQLite files (one per database); created if missing")
 	sync := flag.String("sync", "full", "SQLite synchronous mode: full (fsync every commit), normal (fsync at WAL checkpoints; survives a crash of this process, not of the machine) or off")
 	verbose := flag.Bool("verbose", false, "log every connection and command (FerretDB's debug level)")
 	flag.Parse()
 
-	if err := run(*listen, *dir, *sync, *verbose); err != nil {
+	if err := run(*listen, *unix, *dir, *sync, *verbose); err != nil {
 		fmt.Fprintf(os.Stderr, "cm-ferretdb: error: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(listen, dir, sync string, verbose bool) error {
+func run(listen, unix, dir, sync string, verbose bool) error {
 	switch sync {
 	case "full", "normal", "off":
 	default:
@@ -52,8 +54,23 @@ func run(listen, dir, sync string, verbose bool) error {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
+	if listen == "" && unix == "" {
+		return fmt.Errorf("-listen and -unix are both empty: nothing to serve on")
+	}
+	if unix != "" {
+		// The socket is made with this umask: its user alone may connect, so that
+		// the kernel, not a password, says who reaches the cluster's state.
+		syscall.Umask(0o077)
+		if err := os.MkdirAll(filepath.Dir(unix), 0o700); err != nil {
+			return fmt.Errorf("socket directory: %w", err)
+		}
+		if err := os.Remove(unix); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("stale socket %q: %w", unix, err)
+		}
+	}
+
 	f, err := ferretdb.New(&ferretdb.Config{
-		Listener: ferretdb.ListenerConfig{TCP: listen},
+		Listener: ferretdb.ListenerConfig{TCP: listen, Unix: unix},
 		Logger:   logger,
 		Handler:  "sqlite",
 		// The SQLite backend wants a file: URL naming a directory with a trailing slash.
@@ -68,6 +85,6 @@ func run(listen, dir, sync string, verbose bool) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	fmt.Fprintf(os.Stderr, "cm-ferretdb: serving %s from %s\n", listen, abs)
+	fmt.Fprintf(os.Stderr, "cm-ferretdb: serving %s from %s\n", strings.Trim(listen+" "+unix, " "), abs)
 	return f.Run(ctx)
 }

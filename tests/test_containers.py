@@ -135,6 +135,24 @@ def test_no_job_on_a_compute_node_can_reach_the_database(cc):
     assert code != 0, out
 
 
+def test_a_user_on_the_head_cannot_reach_the_database_either(cc):
+    # FerretDB checks no credentials: it serves the head on a socket only root may use.
+    probe = ("import socket; s = socket.socket(socket.AF_UNIX); "
+             "print(s.connect_ex('/run/cm-db/db.sock'))")
+    assert cc.ok(f'python3 -c "{probe}"').strip() == "13"           # EACCES
+    assert cc.ok("if echo > /dev/tcp/db/27017; then echo reached; else echo refused; fi 2>/dev/null").strip() \
+        == "refused"
+    # The head itself (root) reaches it there, and no key or password is readable by the user.
+    assert cc.info("--nodes")["nodes"]
+    code, _ = cc.run("cat /etc/cm-keys/head.key_secret /etc/cm-keys/db.password")
+    assert code != 0
+    # Nor can a job read its node's key.
+    code, out = cc.run("cmrun --wait cat /etc/cm-keys/node.key_secret")
+    assert code != 0
+    with open(cc.home("cmlogs", out.strip().splitlines()[0], "0.err")) as f:
+        assert "Permission denied" in f.read()
+
+
 def test_the_readmes_first_job_runs_through_make_exec_head(cc):
     # As the README has it, by whoever runs make here (root on a test machine).
     proc = cc.make("--no-print-directory", "exec-head", USER="root", CMD='cmrun -n 3 -p 2 --wait -- sh -c "echo \\$CM_RANK \\$(hostname)"')

@@ -140,3 +140,15 @@ def test_a_job_whose_record_is_altered_in_the_database_runs_nothing(own_cluster)
     job = cluster.wait_state(victim, "FAILED")
     assert "does not match the head's seal" in job["reason"]
     assert not (workdir / "whoami").exists() and not (workdir / "cmlogs" / str(victim)).exists()
+
+
+def test_no_other_user_of_the_machine_reaches_the_database(cluster):
+    from test_cluster import as_nobody
+    nobody, _ = as_nobody(cluster)
+    url = cluster.process("head")["cm_env"]["CM_DATABASE_URL"]
+    probe = ("import sys, pymongo; c = pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=2000); "
+             "print(c.get_default_database().list_collection_names())")
+    proc = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                           "/usr/bin/python3", "-c", probe, url], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Permission denied" in proc.stderr
+    assert url.startswith("mongodb://%2F")                  # a Unix socket, not a TCP port anyone may reach

@@ -95,6 +95,7 @@ SECONDS = (_seconds, "a number of seconds > 0")
 # name -> (the function that turns its text into a checked value, what it wants).
 SCHEMA = {
     "database_url": (_url, "a mongodb:// URL"),
+    "database_password_file": (_optional_path, "an absolute path, or nothing"),
     "socket": (_text, "the path of a Unix socket"),
     "keys_dir": (_optional_path, "an absolute path, or nothing"),
     "insecure": (_bool, "true or false"),

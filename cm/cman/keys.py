@@ -60,10 +60,43 @@ def make(store, nodes=()):
     return made
 
 
+def make_database_password(store):
+    """STORE/db/password for the database server (readable inside its container only: the
+    store is root's) and STORE/head/db.password for the head; kept if they exist."""
+    import secrets
+    head_copy = os.path.join(store, "head", "db.password")
+    if os.path.exists(head_copy):
+        return False
+    password = secrets.token_urlsafe(32)
+    old_umask = os.umask(0o077)
+    try:
+        os.makedirs(os.path.join(store, "db"), mode=0o755, exist_ok=True)
+        os.makedirs(os.path.join(store, "head"), mode=0o700, exist_ok=True)
+        server_copy = os.path.join(store, "db", "password")
+        with open(server_copy, "w") as f:
+            f.write(password)
+        os.chmod(server_copy, 0o644)      # the server may run as a user of its own image
+        with open(head_copy, "w") as f:
+            f.write(password)
+    finally:
+        os.umask(old_umask)
+    return True
+
+
+def read_secret(path, what):
+    """A secret file's contents, if its owner alone may read it (ConfigError if not)."""
+    _check_private(what, path)
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+
+
 def _load(directory, name, secret):
     path = os.path.join(directory, name + (".key_secret" if secret else ".key"))
     if secret:
-        _check_private(directory, path)
+        _check_private(f"keys_dir {directory}", path)
     try:
         public, private = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
@@ -72,14 +105,14 @@ def _load(directory, name, secret):
     return public, private
 
 
-def _check_private(directory, path):
+def _check_private(label, path):
     """A secret must be its owner's alone, and this daemon's (as ssh insists of its keys)."""
     try:
         info = os.stat(path)
     except OSError:
         return                            # _load says what is missing
     if info.st_mode & 0o077 or info.st_uid != os.geteuid():
-        raise ConfigError(f"keys_dir {directory}: {os.path.basename(path)} may be read by others "
+        raise ConfigError(f"{label}: {os.path.basename(path)} may be read by others "
                           f"(mode {stat.filemode(info.st_mode)}, owner uid {info.st_uid}); it must be mode 0600 "
                           f"and owned by uid {os.geteuid()}, who runs this daemon")
 

@@ -1,6 +1,6 @@
 """cmcluster's work: a whole cm cluster as background processes on
-127.0.0.1 (a MongoDB-wire server unless a database URL is given, the head,
-and N compute daemons), recorded in DIR/cluster.json so that `down` and
+127.0.0.1 (a MongoDB-wire server on a Unix socket only its user may use,
+unless a database URL is given; the head; and N compute daemons), recorded in DIR/cluster.json so that `down` and
 `status` find them again. Every process logs to DIR/<name>.log.
 """
 import hashlib
@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 
 from . import client, config, keys
 from .vocab import NodeState, Op
@@ -68,10 +69,10 @@ def log_tail(path, lines=15):
         return "(no log)"
 
 
-def port_open(port):
-    with socket.socket() as s:
+def unix_socket_open(path):
+    with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex(path) == 0
 
 
 def state_path(directory):
@@ -127,12 +128,14 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
     env = dict(os.environ)
     try:
         if database_url is None:
-            db_port = free_port()
-            db = start("db", [find_ferretdb(), "-listen", f"127.0.0.1:{db_port}",
+            # On a Unix socket that only this user may use (cm-ferretdb makes it so): no other
+            # user of this machine reads the jobs' environments or changes their records.
+            db_socket = os.path.join(directory, "db.sock")
+            db = start("db", [find_ferretdb(), "-listen", "", "-unix", db_socket,
                               "-dir", os.path.join(directory, "db")], directory, env)
             processes.append(db)
-            wait_for(lambda: port_open(db_port), timeout, "the database to listen", [db])
-            database_url = f"mongodb://127.0.0.1:{db_port}/cm"
+            wait_for(lambda: unix_socket_open(db_socket), timeout, "the database to listen", [db])
+            database_url = "mongodb://" + urllib.parse.quote(db_socket, safe="") + "/cm"
         store = os.path.join(directory, "keys")      # a key per daemon: keys/head, keys/node1, ...
         node_names = [f"node{i}" for i in range(1, nodes + 1)]
         insecure = config.load(env).insecure     # insecure = true: a cluster without keys

@@ -99,13 +99,15 @@ def _insert_all(collection, docs):
 
 
 class Store:
-    def __init__(self, url, timeout=2.0, op_timeout=60.0):
+    def __init__(self, url, timeout=2.0, op_timeout=60.0, password=None):
         """timeout: how soon an absent database is noticed (finding it, connecting);
-        op_timeout: how long one operation (an insert of many jobs) may take."""
+        op_timeout: how long one operation (an insert of many jobs) may take;
+        password: of the user the URL names (kept out of the URL, which logs show)."""
         self.url = url
+        credentials = {"password": password} if password else {}
         self.client = pymongo.MongoClient(url, connect=False, serverSelectionTimeoutMS=int(timeout * 1000),
                                           connectTimeoutMS=int(timeout * 1000),
-                                          socketTimeoutMS=int(op_timeout * 1000))
+                                          socketTimeoutMS=int(op_timeout * 1000), **credentials)
         self.db = self.client.get_default_database("cm")
         self.nodes = self.db["nodes"]
 

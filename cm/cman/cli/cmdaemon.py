@@ -60,8 +60,13 @@ def run_daemon(args):
             raise UsageError("--name, --cpus and --mem are for --role compute")
         from ..head import serve
         from ..store import Store, StoreError
+        import urllib.parse
+        from ..keys import read_secret
+        password = None
+        if cfg.database_password_file and urllib.parse.urlsplit(cfg.database_url).username:
+            password = read_secret(cfg.database_password_file, "database_password_file")
         try:
-            serve(cfg, Store(cfg.database_url))
+            serve(cfg, Store(cfg.database_url, password=password))
         except StoreError as e:
             raise CliError(f"the database at {cfg.database_url} is unavailable: {e}") from None
         return Exit.OK
