@@ -6,13 +6,14 @@ import os
 import random
 import socket
 import subprocess
+import time
 
 import pytest
 import zmq
 
 from cman import keys
 from cman.vocab import PROTOCOL_VERSION
-from conftest import BIN, wait_until
+from conftest import BIN, make_cluster, wait_until
 
 
 @pytest.mark.parametrize("args, message", [
@@ -274,3 +275,59 @@ def test_a_job_too_large_to_send_to_a_node_is_refused_at_submission(cluster, wor
     proc = subprocess.run([os.path.join(BIN, "cmrun"), "--wait", "--", "sh", "-c", 'echo ${#WIDE1}'], cwd=workdir,
                           env=wide, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+HOLD_CONNECTIONS = r"""
+import socket, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+held = []
+for _ in range(count):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    held.append(s)
+extra = socket.socket(socket.AF_UNIX)
+extra.connect(path)
+extra.settimeout(10)
+print(extra.recv(4096).decode().strip(), flush=True)
+"""
+
+
+def test_one_user_cannot_hold_every_connection_and_the_others_are_still_served(request):
+    from test_cluster import as_nobody
+    cluster = make_cluster(request, nodes=1, env={"CM_MAX_CONNECTIONS_PER_USER": "5"})
+    nobody, _ = as_nobody(cluster)
+    os.chmod(cluster.dir, 0o755)                      # where its socket is
+    proc = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                           "/usr/bin/python3", "-c", HOLD_CONNECTIONS, cluster.env["CM_SOCKET"], "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["ok"] is False
+    assert answer["error"] == (f"too many connections: uid {nobody.pw_uid} has 5 open, the most one user may "
+                               "(max_connections_per_user)")
+    assert cluster.cm("cminfo").returncode == 0
+
+
+def test_a_head_out_of_descriptors_pauses_accepting_instead_of_spinning(own_cluster):
+    import psutil
+    cluster = own_cluster
+    head = psutil.Process(cluster.process("head")["pid"])
+    limit = head.num_fds() + 8
+    subprocess.run(["prlimit", f"--pid={head.pid}", f"--nofile={limit}:{limit}"], check=True)
+    held = []
+    try:
+        for _ in range(40):                            # more than the head has descriptors for
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(cluster.env["CM_SOCKET"])       # the backlog takes what the head cannot accept
+            held.append(s)
+        wait_until(lambda: "cannot accept CLI connections (Too many open files)"
+                   in open(os.path.join(cluster.dir, "head.log")).read(), what="the head to run out")
+        before = head.cpu_times()
+        time.sleep(1.0)                                # a measured window, not synchronization
+        after = head.cpu_times()
+        busy = after.user + after.system - before.user - before.system
+        assert busy < 0.5, f"the head used {busy:.2f}s of CPU in 1s while out of descriptors"
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: cluster.cm("cminfo").returncode == 0, timeout=20, what="the head to serve again")

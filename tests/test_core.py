@@ -412,3 +412,14 @@ def test_a_job_whose_record_no_longer_matches_its_seal_fails_instead_of_launchin
     assert out.sent_ops(Op.LAUNCH) == []
     job = core.queue.get(0)
     assert job.state == "FAILED" and "seal" in job.reason
+
+
+def test_a_waiting_client_that_goes_away_is_forgotten():
+    core, out, writer, clock = new_core()
+    placed_job(core, writer, clock)
+    writer.complete()
+    gone = Caller(424201)
+    request(core, gone, Op.WAIT, "w1", job_id=0)
+    assert core.cli.waiters == {0: [gone]}
+    core.cli.caller_gone(gone)
+    assert core.cli.waiters == {}

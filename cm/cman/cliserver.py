@@ -7,10 +7,20 @@ the job's end when it comes). Who the caller is comes from the kernel
 (SO_PEERCRED), never from the request. A connection that sends nothing
 complete in time, too much, or garbage gets an error line and is closed;
 the server keeps serving.
+
+Bounds, so that no client can stop the head: at most
+max_connections_per_user connections of one user at once (root's are not
+counted), and no more in all than the head's descriptors allow (beyond
+that, new ones wait in the listen backlog); a client that does not read
+its replies is dropped once they pile up; one that goes away is forgotten
+at once (on_gone), also by whoever waited to answer it; and when the
+descriptors run out, accepting pauses for a moment instead of spinning.
 """
+import errno
 import json
 import logging
 import os
+import resource
 import socket
 import struct
 
@@ -21,6 +31,12 @@ from .vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 log = logging.getLogger("cm.cli")
 
 _PEERCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
+# Reply bytes queued for a client that does not read, before it is dropped.
+MAX_QUEUED = 2 * MAX_MESSAGE_BYTES
+# Seconds accepting pauses when the head is out of descriptors.
+ACCEPT_PAUSE = 0.2
+# Descriptors kept for the head's other work (the database, nodes, logs).
+SPARE_FDS = 128
 
 
 class Caller:
@@ -42,11 +58,19 @@ class Caller:
 
 
 class CliServer:
-    def __init__(self, path, poller, on_request, timeout, clock):
-        """on_request(caller, line_bytes) is called once per connection."""
-        self.path, self.poller, self.on_request = path, poller, on_request
+    def __init__(self, path, poller, on_request, timeout, clock, on_gone=lambda caller: None,
+                 max_per_user=256):
+        """on_request(caller, line_bytes) is called once per connection; on_gone(caller)
+        when a connection whose request was read closes."""
+        self.path, self.poller, self.on_request, self.on_gone = path, poller, on_request, on_gone
         self.timeout, self.clock = timeout, clock
+        self.max_per_user = max_per_user
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.max_callers = max(16, soft - SPARE_FDS) if soft != resource.RLIM_INFINITY else 1 << 16
         self.callers = {}
+        self.per_uid = {}                # uid -> its open connections
+        self.accepting = True
+        self.resume_at = None            # when accepting starts again after running out of descriptors
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
@@ -81,13 +105,22 @@ class CliServer:
         body = {"v": PROTOCOL_VERSION, **body}
         caller.outbuf += json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
         caller.close_when_sent = last
+        if len(caller.outbuf) > MAX_QUEUED:
+            log.warning("%r reads none of its replies (%d bytes queued); dropping it", caller, len(caller.outbuf))
+            self.close(caller)
+            return
         self._flush(caller)
 
     def next_deadline(self):
         deadlines = [c.deadline for c in self.callers.values() if c.deadline is not None]
+        if self.resume_at is not None:
+            deadlines.append(self.resume_at)
         return min(deadlines, default=None)
 
     def expire(self, now):
+        if self.resume_at is not None and now >= self.resume_at:
+            self.resume_at = None
+            self._resume_accepting()
         for caller in [c for c in self.callers.values() if c.deadline is not None and c.deadline <= now]:
             log.warning("%r sent no complete request in %.1fs; closing", caller, self.timeout)
             self.reply(caller, {"ok": False, "error": "no complete request received in time"})
@@ -98,16 +131,23 @@ class CliServer:
             return
         caller.closed = True
         self.callers.pop(caller.fd, None)
+        self.per_uid[caller.uid] -= 1
+        if not self.per_uid[caller.uid]:
+            del self.per_uid[caller.uid]
         try:
             self.poller.unregister(caller.fd)
         except KeyError:
             pass
         caller.sock.close()
+        if caller.deadline is None:       # its request was read: forget it wherever it waits
+            self.on_gone(caller)
+        if self.resume_at is None and not self.accepting:
+            self._resume_accepting()      # a descriptor is free again
 
     def shutdown(self):
         for caller in list(self.callers.values()):
             self.close(caller)
-        self.poller.unregister(self.listener.fileno())
+        self._pause_accepting()
         self.listener.close()
         try:
             os.unlink(self.path)
@@ -116,19 +156,43 @@ class CliServer:
 
     # ---- internals ----
 
+    def _pause_accepting(self):
+        if self.accepting:
+            self.accepting = False
+            self.poller.unregister(self.listener.fileno())
+
+    def _resume_accepting(self):
+        if not self.accepting and len(self.callers) < self.max_callers:
+            self.accepting = True
+            self.poller.register(self.listener.fileno(), _POLLIN)
+
     def _accept(self):
-        while True:
+        while len(self.callers) < self.max_callers:
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:         # out of descriptors, say: keep serving the others
-                log.error("accept failed: %s", e)
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: the listener stays readable, so pause rather than spin.
+                    log.error("cannot accept CLI connections (%s); pausing %.1fs", e.strerror, ACCEPT_PAUSE)
+                    self._pause_accepting()
+                    self.resume_at = self.clock() + ACCEPT_PAUSE
+                else:
+                    log.error("accept failed: %s", e)
                 return
             sock.setblocking(False)
             caller = Caller(sock, self.clock() + self.timeout)
             self.callers[caller.fd] = caller
+            self.per_uid[caller.uid] = self.per_uid.get(caller.uid, 0) + 1
             self.poller.register(caller.fd, _POLLIN)
+            if caller.uid != 0 and self.per_uid[caller.uid] > self.max_per_user:
+                log.warning("%r: uid %d has %d connections open, the most one user may; refused",
+                            caller, caller.uid, self.max_per_user)
+                self.reply(caller, {"ok": False, "error": f"too many connections: uid {caller.uid} has "
+                                    f"{self.max_per_user} open, the most one user may (max_connections_per_user)"})
+                self.close(caller)
+        self._pause_accepting()           # as many as the descriptors allow: the rest wait in the backlog
 
     def _read(self, caller):
         try:

@@ -108,6 +108,16 @@ class CliApi:
             self.out.reply(caller, JobEnded(job=job.view(self.wall())))
         else:
             self.waiters.setdefault(job_id, []).append(caller)
+            caller.waits_for = job_id
+
+    def caller_gone(self, caller):
+        """A client went away: nobody waits to answer it any more."""
+        job_id = getattr(caller, "waits_for", None)
+        waiting = self.waiters.get(job_id)
+        if waiting and caller in waiting:
+            waiting.remove(caller)
+            if not waiting:
+                del self.waiters[job_id]
 
     def job_ended(self, job):
         view = job.view(self.wall())

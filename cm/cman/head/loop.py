@@ -89,7 +89,8 @@ class Head:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.writer.wakeup.fd, zmq.POLLIN)
-        self.cli = CliServer(self.cfg.socket, self.poller, self.core.on_cli, self.cfg.request_timeout, self.clock)
+        self.cli = CliServer(self.cfg.socket, self.poller, self.core.on_cli, self.cfg.request_timeout, self.clock,
+                             on_gone=self.core.cli.caller_gone, max_per_user=self.cfg.max_connections_per_user)
         # Signal handlers only set a flag; the wake-up pipe ends the poll.
         self.signals = wakeup.on_signals({signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop})
         self.poller.register(self.signals.fd, zmq.POLLIN)
