@@ -6,12 +6,15 @@ only through cmrun, cminfo and cmkill. Timings are short so that failures
 show quickly; waits are on conditions with deadlines, never bare sleeps.
 When a test fails, the daemons' logs are printed.
 """
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -184,3 +187,77 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("figures")
         for name, value in FIGURES.items():
             terminalreporter.write_line(f"{name}: {value}")
+
+
+TO_NODE, TO_HEAD = "to node", "to head"
+
+
+class Relay:
+    """127.0.0.1:port -> the head's port, for every connection; drop() discards what
+    flows one way for a while."""
+
+    def __init__(self, target_port):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.drop_until = {TO_NODE: 0.0, TO_HEAD: 0.0}
+        self.dropped = {TO_NODE: 0, TO_HEAD: 0}
+        self.closed = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def drop(self, direction, seconds):
+        self.drop_until[direction] = time.monotonic() + seconds
+
+    def accept(self):
+        while not self.closed:
+            try:
+                node_side, _ = self.listener.accept()
+            except OSError:
+                return
+            head_side = socket.create_connection(self.target)
+            threading.Thread(target=self.pump, args=(node_side, head_side, TO_HEAD), daemon=True).start()
+            threading.Thread(target=self.pump, args=(head_side, node_side, TO_NODE), daemon=True).start()
+
+    def pump(self, source, sink, direction):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if time.monotonic() < self.drop_until[direction]:
+                    self.dropped[direction] += len(data)
+                    continue
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+
+
+@contextlib.contextmanager
+def relayed_node(cluster, name, log_dir):
+    """Stop the cluster's compute daemon name and start it again talking to the head through
+    a Relay (yielded), which can then lose what flows one way or both."""
+    node_env = cluster.process(name)["cm_env"]
+    cluster.ok("cmcluster", "stop", name, "--dir", cluster.dir)
+    relay = Relay(int(node_env["CM_HEAD_PORT"]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
+    env.update(node_env, CM_HEAD_PORT=str(relay.port))
+    argv = cluster.process(name)["argv"]
+    with open(os.path.join(log_dir, f"{name}-relayed.log"), "w") as log:
+        node = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+        try:
+            yield relay
+        finally:
+            node.terminate()
+            node.wait(timeout=30)
+            relay.close()

@@ -277,6 +277,26 @@ def test_a_job_too_large_to_send_to_a_node_is_refused_at_submission(cluster, wor
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_submission_of_nearly_a_megabyte_runs_whole(cluster, workdir, figures):
+    """The limit is one (MAX_MESSAGE_BYTES) from cmrun to the task: what is accepted reaches
+    the node whole, and its environment reaches the task."""
+    from cman.vocab import MAX_MESSAGE_BYTES
+    wide = dict(cluster.env)
+    for i in range(15):                               # 15 x 60 kB of two-byte characters: 900 kB
+        wide[f"WIDE{i}"] = "é" * 30_000
+    started = time.monotonic()
+    proc = subprocess.run([os.path.join(BIN, "cmrun"), "--wait", "--", "sh", "-c", 'echo ${#WIDE14}'], cwd=workdir,
+                          env=wide, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    job = int(proc.stdout)
+    with open(os.path.join(workdir, "cmlogs", str(job), "0.out")) as f:
+        assert f.read() == "60000\n"                 # its bytes, as sh counts them in the C locale
+    size = sum(len(f"{k}={v}".encode()) for k, v in wide.items())
+    assert 0.85 * MAX_MESSAGE_BYTES < size < MAX_MESSAGE_BYTES
+    figures[f"{size / 1e6:.2f} MB submission (limit {MAX_MESSAGE_BYTES / 1e6:.2f} MB): submitted to ended (s)"] = round(took, 2)
+
+
 HOLD_CONNECTIONS = r"""
 import socket, sys, time
 path, count = sys.argv[1], int(sys.argv[2])
@@ -331,3 +351,39 @@ def test_a_head_out_of_descriptors_pauses_accepting_instead_of_spinning(own_clus
         for s in held:
             s.close()
     wait_until(lambda: cluster.cm("cminfo").returncode == 0, timeout=20, what="the head to serve again")
+
+
+def test_composed_request_sequences_on_a_real_head_each_get_an_answer(cluster, workdir, figures):
+    """Valid requests under colliding ids, sent together on connections of their own:
+    each gets its answer (or error), and the head goes on serving."""
+    path = cluster.env["CM_SOCKET"]
+    rng = random.Random(5)
+    sequences, newest = 1000, cluster.submit("true", cwd=workdir)
+    for number in range(sequences):
+        sent = []
+        for _ in range(rng.randint(2, 4)):
+            op = rng.choice(["submit", "submit", "cancel", "wait", "info"])
+            body = {"v": PROTOCOL_VERSION, "op": op, "id": f"seq{number}-{rng.choice('ab')}"}
+            some_id = rng.randrange(newest + 3)
+            if op == "submit":
+                body.update(argv=["true"], workdir=workdir, env=[], wait=rng.random() < 0.5)
+            elif op == "cancel":
+                body.update(job_ids=[some_id])
+            elif op == "wait":
+                body.update(job_id=some_id)
+            else:
+                body.update(jobs=True, job_ids=[some_id])
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(30)
+            s.connect(path)
+            s.sendall(json.dumps(body).encode() + b"\n")
+            sent.append(s)
+        for s in sent:
+            with s:
+                line = s.makefile("rb").readline()
+                reply = json.loads(line)
+                assert reply["ok"] in (True, False)
+                if reply.get("job_id") is not None:
+                    newest = max(newest, reply["job_id"])
+    assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0
+    figures["composed request sequences on a real head, each answered"] = sequences

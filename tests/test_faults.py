@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 
-from conftest import BIN, wait_until
+from conftest import BIN, TO_HEAD, TO_NODE, make_cluster, relayed_node, wait_until
 
 # Each run of a task leaves a marker named by job, attempt and rank.
 MARK = 'touch "markers/$CM_JOB_ID.$CM_ATTEMPT.$CM_RANK.$$"; sleep {}'
@@ -106,6 +106,41 @@ def test_a_compute_node_killed_during_a_run_loses_nothing(own_cluster, figures):
     assert requeued >= 1
     figures[f"compute node killed during {JOBS} jobs: lost, run twice, requeued"] = (lost, twice, requeued)
     figures["killed node marked DOWN after (s), node_timeout 1.5 s"] = round(detection, 2)
+
+
+# Each run takes a lock of its job's: a second copy running at the same time cannot, and says so.
+LOCKED = ('exec 9> "locks/$CM_JOB_ID"; if flock -n 9; then touch "markers/$CM_JOB_ID.$CM_ATTEMPT.$CM_RANK.$$"; '
+          'sleep {}; else touch "collisions/$CM_JOB_ID.$CM_ATTEMPT"; fi')
+
+
+def test_a_node_partitioned_longer_than_node_timeout_runs_no_job_twice_at_once(request, tmp_path, figures):
+    c = make_cluster(request)
+    workdir = str(tmp_path)
+    for d in ("markers", "locks", "collisions"):
+        os.makedirs(os.path.join(workdir, d))
+    with relayed_node(c, "node3", workdir) as relay:
+        wait_until(lambda: c.node_states()["node3"] == "UP" and any(
+            n["name"] == "node3" and n["status"] == "idle" for n in c.info("--nodes")["nodes"]),
+            what="node3 back through the relay")
+        ids = [c.submit("--retries", "3", "sh", "-c", LOCKED.format(0.5), cwd=workdir) for _ in range(JOBS)]
+
+        def node3_busy():
+            done = sum(1 for j in c.info("--all")["jobs"] if j["state"] == "COMPLETED")
+            return done >= 20 and any(n["name"] == "node3" and n["jobs"] for n in c.info("--nodes")["nodes"])
+        wait_until(node3_busy, timeout=60, what="node3 to run jobs of the run")
+        relay.drop(TO_NODE, 3.0)                   # cut off both ways, twice node_timeout
+        relay.drop(TO_HEAD, 3.0)
+        wait_until(lambda: c.node_states()["node3"] == "DOWN", timeout=10, what="node3 DOWN")
+        wait_until(lambda: c.node_states()["node3"] == "UP", timeout=30, what="node3 back once healed")
+        jobs = settle(c, ids)
+    lost, _ = lost_and_twice(c, workdir, ids, jobs)
+    at_once = len(os.listdir(os.path.join(workdir, "collisions")))
+    requeued = sum(1 for i in ids if jobs[i]["attempt"] > 0)
+    assert (lost, at_once) == (0, 0)
+    assert [jobs[i]["state"] for i in ids] == ["COMPLETED"] * JOBS
+    assert requeued >= 1                           # the partitioned node's jobs ran again elsewhere
+    figures[f"node partitioned 3 s (node_timeout 1.5 s) during {JOBS} jobs: lost, run twice at once, requeued"] = (
+        lost, at_once, requeued)
 
 
 def test_nodes_busy_with_their_tasks_are_not_marked_down(cluster, workdir):

@@ -8,90 +8,22 @@ stream, reconnects by itself, and whatever was in flight is gone, as when a
 connection is reset.
 """
 import os
-import socket
-import subprocess
-import threading
-import time
 
 import pytest
 
-from conftest import BIN, make_cluster, wait_until
-
-TO_NODE, TO_HEAD = "to node", "to head"
-
-
-class Relay:
-    """127.0.0.1:port -> the head's port, for every connection; drop() discards what
-    flows one way for a while."""
-
-    def __init__(self, target_port):
-        self.target = ("127.0.0.1", target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.drop_until = {TO_NODE: 0.0, TO_HEAD: 0.0}
-        self.dropped = {TO_NODE: 0, TO_HEAD: 0}
-        self.closed = False
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def drop(self, direction, seconds):
-        self.drop_until[direction] = time.monotonic() + seconds
-
-    def accept(self):
-        while not self.closed:
-            try:
-                node_side, _ = self.listener.accept()
-            except OSError:
-                return
-            head_side = socket.create_connection(self.target)
-            threading.Thread(target=self.pump, args=(node_side, head_side, TO_HEAD), daemon=True).start()
-            threading.Thread(target=self.pump, args=(head_side, node_side, TO_NODE), daemon=True).start()
-
-    def pump(self, source, sink, direction):
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                if time.monotonic() < self.drop_until[direction]:
-                    self.dropped[direction] += len(data)
-                    continue
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-    def close(self):
-        self.closed = True
-        self.listener.close()
+from conftest import TO_HEAD, TO_NODE, make_cluster, relayed_node, wait_until
 
 
 @pytest.fixture
 def relayed(request, tmp_path):
     """A one-node cluster whose node talks to the head through a Relay."""
     cluster = make_cluster(request, nodes=1)
-    node_env = cluster.process("node1")["cm_env"]
-    cluster.ok("cmcluster", "stop", "node1", "--dir", cluster.dir)
-    relay = Relay(int(node_env["CM_HEAD_PORT"]))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
-    env.update(node_env, CM_HEAD_PORT=str(relay.port))
-    log = open(tmp_path / "node1.log", "w")
-    node = subprocess.Popen([os.path.join(BIN, "cmdaemon"), "--role", "compute", "--name", "node1",
-                             "--cpus", "2", "--mem", "4G"], env=env, stdout=log, stderr=log)
-    wait_until(lambda: head_log(cluster).count("node node1 registered") == 2, timeout=20,
-               what="node1 to register again, through the relay")
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    yield cluster, relay, str(workdir)
-    node.terminate()
-    node.wait(timeout=30)
-    relay.close()
-    log.close()
+    with relayed_node(cluster, "node1", tmp_path) as relay:
+        wait_until(lambda: head_log(cluster).count("node node1 registered") == 2, timeout=20,
+                   what="node1 to register again, through the relay")
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        yield cluster, relay, str(workdir)
 
 
 def head_log(cluster):
