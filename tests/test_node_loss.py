@@ -4,6 +4,7 @@ import os
 import signal
 
 import psutil
+import pytest
 
 from conftest import FAST, wait_until
 
@@ -99,23 +100,29 @@ def test_a_stopping_compute_daemon_takes_its_tasks_and_their_jobs_fail_or_requeu
     assert gone(tasks)
 
 
-def test_a_state_file_of_an_earlier_boot_makes_root_kill_nothing(own_cluster):
+@pytest.mark.parametrize("stale", ["an earlier boot", "a pid used again by another process"])
+def test_a_stale_state_file_makes_root_kill_nothing(own_cluster, stale):
     import json
     import subprocess
+    from cman.compute import boot_id
     c = own_cluster
     # A process of someone else's, alone in its process group, as a task of an earlier boot could name.
     bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
     try:
         c.ok("cmcluster", "stop", "node1", "--dir", c.dir)
         created = psutil.Process(bystander.pid).create_time()
-        state = {"boot_id": "an-earlier-boot", "ended": [],
+        if stale == "an earlier boot":
+            boot = "an-earlier-boot"
+        else:                                     # this boot, but the task recorded started an hour earlier
+            boot, created = boot_id(), created - 3600
+        state = {"boot_id": boot, "ended": [],
                  "running": [{"job": 99, "attempt": 0, "rank": 0, "pid": bystander.pid, "create_time": created}]}
         with open(os.path.join(c.dir, "state", "node1.json"), "w") as f:
             json.dump(state, f)
         c.ok("cmcluster", "start", "node1", "--dir", c.dir)
         wait_until(lambda: c.node_states()["node1"] == "UP", what="node1 back")
         assert c.cm("cmrun", "-n", "3", "--wait", "true").returncode == 0
-        assert bystander.poll() is None, "a process named by a state file of another boot was killed"
+        assert bystander.poll() is None, f"a process named by a state file of {stale} was killed"
     finally:
         bystander.kill()
         bystander.wait()
