@@ -42,7 +42,7 @@ DB_IMAGE     = $(if $(filter mongo,$(DB_KIND)),$(MONGO_IMAGE),cm-ferretdb:latest
 # mongo checks credentials; FerretDB does not, so the head reaches it on a socket only root may use.
 DB_URL       = $(if $(filter mongo,$(DB_KIND)),mongodb://cm@db:27017/cm?authSource=admin,mongodb://%2Frun%2Fcm-db%2Fdb.sock/cm)
 
-.PHONY: all up images keys host-tools exec-head down clean logs test unit deps ferretdb local local-down bench help
+.PHONY: all up images keys node-keys host-tools exec-head down clean logs test unit deps ferretdb local local-down bench help
 
 all: up ## Start the container cluster (NODES compute nodes, default 3) and show it
 
@@ -66,6 +66,13 @@ keys: images
 	-@rm -rf $(CM_DRIVE)/etc/keys
 	@docker run --rm -v $(CM_DRIVE):/drive --entrypoint /opt/cm/bin/cmkeys cm-head:latest \
 	  --database /drive/keys $(addprefix compute,$(shell seq 1 $(NODES))) | sed 's|/drive/keys|$(CM_DRIVE)/keys|'
+
+# Keys for one more compute node, outside the containers (README: Compute nodes outside containers).
+node-keys: images ## Keys for a compute node outside the containers: make node-keys NODE=name
+	@test -n "$(NODE)" || { echo "make: say which node: make node-keys NODE=name" >&2; exit 2; }
+	@docker run --rm -v $(CM_DRIVE):/drive --entrypoint /opt/cm/bin/cmkeys cm-head:latest /drive/keys $(NODE) \
+	  | sed 's|/drive/keys|$(CM_DRIVE)/keys|'
+	@echo "copy $(CM_DRIVE)/keys/$(NODE) to /etc/cm/keys on $(NODE) (as root, mode 0700)"
 
 # What the host needs for the container cluster: Docker with Compose, and Python 3 for scripts/
 # (the standard library only). Python is installed where it is missing; Docker cannot be.

@@ -15,6 +15,9 @@ Where things live:
   cliserver  the head's Unix-socket endpoint for the CLI
   compute    the compute daemon: registers, heartbeats, runs what it is sent
   tasks      starting, signalling, timing out and reaping task processes
+  cgroups    a cgroup per job on a node (v1 or v2), or process groups where none can be had
+  keys       the CURVE keys: one per node, its name bound to it on the head
+  seal       the head's seal on who runs what, checked before any launch
   resources  what a node has and uses (psutil, cgroups)
   client     the CLI's side of the Unix socket (standard library only)
   localcluster  cmcluster: the database, head and computes as local processes
