@@ -261,11 +261,55 @@ def _remove_up_to(directory, top):
         directory = os.path.dirname(directory)
 
 
+def remove_tree(root, prefix):
+    """Remove the (empty) cgroups under prefix, in every hierarchy: what the compute daemons
+    of a cluster that is gone left (cmcluster down; a daemon that was killed)."""
+    tops = [root] if os.path.isfile(os.path.join(root, "cgroup.controllers")) else \
+        [os.path.join(root, c) for c in CgroupV1.CONTROLLERS]
+    for top in tops:
+        base = os.path.join(top, prefix)
+        if not os.path.isdir(base):
+            continue
+        for directory, _, _ in os.walk(base, topdown=False):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass                      # still holds a process, or a cgroup of its own
+        _remove_up_to(os.path.dirname(base), top)
+
+
 def _job_dirs(base):
     try:
         return [e for e in os.listdir(base) if e.startswith("job_") and os.path.isdir(os.path.join(base, e))]
     except OSError:
         return []
+
+
+def probe(containment):
+    """Move a child of ours into a cgroup of the containment's, as each task will move
+    itself; ContainmentError if the kernel refuses (with cgroup v2, a cgroup namespace
+    that does not hold the hierarchy mounted here, as a container's private one)."""
+    group = containment.job_group("probe", os.getpid(), 0, 0)
+    ready, release = os.pipe()
+    pid = os.fork()
+    if pid == 0:                          # the child waits until the parent is done
+        os.close(release)
+        os.read(ready, 1)
+        os._exit(0)
+    os.close(ready)
+    try:
+        for path in group.join_files():
+            fd = os.open(path, JOIN_FLAGS, 0o644)
+            try:
+                os.write(fd, f"{pid}\n".encode())
+            finally:
+                os.close(fd)
+    except OSError as e:
+        raise ContainmentError(f"a process cannot be moved into {os.path.dirname(path)}: {e.strerror}") from None
+    finally:
+        os.close(release)
+        os.waitpid(pid, 0)
+        group.remove()
 
 
 def detect(mode, root, prefix, node):
@@ -278,10 +322,13 @@ def detect(mode, root, prefix, node):
         if os.geteuid() != 0 and root == "/sys/fs/cgroup":
             raise ContainmentError("only root makes cgroups for other users' jobs")
         if os.path.isfile(os.path.join(root, "cgroup.controllers")):
-            return CgroupV2(root, prefix, node)
-        if os.path.isdir(os.path.join(root, "memory")) or os.path.isdir(os.path.join(root, "pids")):
-            return CgroupV1(root, prefix, node)
-        raise ContainmentError(f"no cgroup hierarchy at {root}")
+            containment = CgroupV2(root, prefix, node)
+        elif os.path.isdir(os.path.join(root, "memory")) or os.path.isdir(os.path.join(root, "pids")):
+            containment = CgroupV1(root, prefix, node)
+        else:
+            raise ContainmentError(f"no cgroup hierarchy at {root}")
+        probe(containment)
+        return containment
     except (OSError, ContainmentError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         if mode == "cgroup":

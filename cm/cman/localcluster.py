@@ -214,8 +214,19 @@ def down(directory):
     if state is None:
         raise ClusterError(f"no cluster recorded in {directory}")
     stop_processes(state["processes"])
+    remove_cgroups(state["processes"])
     os.unlink(state_path(directory))
     return state["processes"]
+
+
+def remove_cgroups(processes):
+    """The job cgroups the compute daemons left (a daemon that was killed leaves its own)."""
+    from .cgroups import remove_tree
+    for env in {(p["cm_env"].get("CM_CGROUP_ROOT", "/sys/fs/cgroup"), p["cm_env"].get("CM_CGROUP_PREFIX"))
+                for p in processes if p["name"].startswith("node")}:
+        root, prefix = env
+        if prefix and os.geteuid() == 0:
+            remove_tree(root, prefix)
 
 
 def find_process(directory, name):
