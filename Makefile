@@ -51,7 +51,7 @@ up: images keys ## The same as `make`
 	@test -e $(CM_DRIVE)/etc/users || printf '%s\n' \
 	  '# The cluster'"'"'s users, one "name:uid:gid" a line, created identically on every' \
 	  '# node when it starts. `make exec-head` adds you if you are missing.' > $(CM_DRIVE)/etc/users
-	@$(HOST_PYTHON) scripts/cluster compose-nodes --nodes $(NODES) --out $(NODES_FILE)
+	@$(HOST_PYTHON) scripts/cluster compose-nodes --nodes $(NODES) --project $(PROJECT) --out $(NODES_FILE)
 	$(COMPOSE) up -d --remove-orphans
 	@$(HOST_PYTHON) scripts/cluster wait-nodes --nodes $(NODES) -- $(COMPOSE)
 	@$(COMPOSE) exec -T head cminfo
@@ -85,7 +85,7 @@ host-tools:
 # Written when missing, for the targets other than up (up writes it for NODES every time).
 $(NODES_FILE): | host-tools
 	@mkdir -p $(CM_DRIVE)/etc
-	@$(HOST_PYTHON) scripts/cluster compose-nodes --nodes $(NODES) --out $(NODES_FILE)
+	@$(HOST_PYTHON) scripts/cluster compose-nodes --nodes $(NODES) --project $(PROJECT) --out $(NODES_FILE)
 
 images: host-tools $(if $(filter ferretdb,$(DB_KIND)),ferretdb-image) ## Build the images that are missing or out of date
 	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
@@ -117,6 +117,8 @@ clean: | $(NODES_FILE) ## Remove the containers, the project's images and the da
 	-docker image rm cm-head:latest cm-compute:latest cm-ferretdb:latest cm-base:latest 2>/dev/null
 	-docker image prune -f --filter label=org.cm.image=true >/dev/null
 	rm -rf $(CM_DRIVE)/db/mongo $(CM_DRIVE)/db/ferretdb
+	@# The compute nodes' cgroups on this host (root's to remove; empty once the nodes are gone).
+	@if [ "$$(id -u)" = 0 ]; then find /sys/fs/cgroup/*/cm/$(PROJECT) -depth -type d -exec rmdir {} + 2>/dev/null; true; fi
 
 logs: | $(NODES_FILE) ## The daemons' recent logs (the database's: make logs SERVICE=db)
 	@$(COMPOSE) logs --no-color --tail=100 $(or $(SERVICE),head $(shell sed -n 's/^ *"\(compute[0-9]*\)": {/\1/p' $(NODES_FILE)))

@@ -285,6 +285,25 @@ def test_a_link_planted_where_the_logs_go_is_not_followed(cluster, workdir):
     assert os.stat(victim).st_uid == 0
 
 
+def test_a_fifo_planted_where_the_logs_go_fails_the_job_and_never_blocks_the_node(cluster, workdir):
+    nobody, run_as_nobody = as_nobody(cluster)
+    os.chown(workdir, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(cluster.dir, 0o755)
+    last = int(run_as_nobody("cmrun", "--wait", "true", cwd=workdir).stdout)
+    for job_id in range(last + 1, last + 4):        # where the next jobs' output goes: a FIFO nobody reads
+        os.makedirs(os.path.join(workdir, "cmlogs", str(job_id)), exist_ok=True)
+        os.mkfifo(os.path.join(workdir, "cmlogs", str(job_id), "0.out"))
+    subprocess.run(["chown", "-R", f"{nobody.pw_uid}:{nobody.pw_gid}", os.path.join(workdir, "cmlogs")], check=True)
+    proc = run_as_nobody("cmrun", "--wait", "echo", "hello", cwd=workdir)
+    assert proc.returncode != 0
+    job = cluster.job(int(proc.stdout))
+    assert job["state"] == "FAILED" and "cannot write logs" in job["reason"], job
+    # The node went on heartbeating and running jobs all along.
+    assert all(n["state"] == "UP" for n in cluster.info("--nodes")["nodes"])
+    elsewhere = tempfile.mkdtemp(prefix="wd-", dir=cluster.dir)
+    assert cluster.cm("cmrun", "-n", "3", "--wait", "true", cwd=elsewhere).returncode == 0
+
+
 def test_a_working_directory_is_entered_as_the_user(cluster, workdir):
     nobody, run_as_nobody = as_nobody(cluster)
     os.chmod(cluster.dir, 0o755)

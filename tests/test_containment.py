@@ -100,6 +100,8 @@ def test_the_cgroup_holds_the_jobs_memory_and_cpus(cluster, workdir):
         assert open(os.path.join(memory, "memory.limit_in_bytes")).read().strip() == str(96 << 20)
         assert open(os.path.join(cpu, "cpu.cfs_quota_us")).read().strip() == "200000"
         assert open(os.path.join(cpu, "cpu.cfs_period_us")).read().strip() == "100000"
+        # All the node's jobs together get no more memory than the node offers (cmcluster's 4G).
+        assert open(os.path.join(os.path.dirname(memory), "memory.limit_in_bytes")).read().strip() == str(4 << 30)
     else:
         assert open(os.path.join(memory, "memory.max")).read().strip() == str(96 << 20)
         assert open(os.path.join(memory, "cpu.max")).read().split() == ["200000", "100000"]

@@ -63,3 +63,17 @@ def test_ops_are_only_accepted_on_their_own_channel():
 def test_oversized_frames_are_refused_before_parsing():
     with pytest.raises(BadMessage, match="over the"):
         decode(b" " * (MAX_MESSAGE_BYTES + 1), messages.CLI_TO_HEAD)
+
+
+def test_task_ends_are_sent_in_messages_the_head_accepts_however_long_their_texts():
+    from cman.compute import ENDS_BYTES, in_chunks
+    from cman.vocab import MAX_MESSAGE_BYTES
+    wide = "\U0001F600" * 5000                       # 20 kB of four-byte characters, cut to 1000 bytes
+    reports = [messages.task_end((1, 0, rank), "launch_failed", 1, None, wide) for rank in range(600)]
+    assert all(len(r["message"].encode()) <= 1000 for r in reports)
+    chunks = list(in_chunks(reports, ENDS_BYTES))
+    assert sum(len(c) for c in chunks) == 600 and len(chunks) > 1
+    for chunk in chunks:
+        frame = messages.TaskEnded(ended=chunk).encode()
+        assert len(frame) <= MAX_MESSAGE_BYTES
+        assert len(messages.decode(frame, messages.COMPUTE_TO_HEAD).ended) == len(chunk)

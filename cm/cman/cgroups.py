@@ -22,6 +22,7 @@ its own pid into those files itself, as root, before it becomes the user.
 import logging
 import os
 import signal
+import time
 
 log = logging.getLogger("cm.cgroups")
 
@@ -58,7 +59,8 @@ def _read(path):
 
 
 def _pids(procs_file):
-    return [int(p) for p in _read(procs_file).split() if p.isdigit()]
+    # 0 stands for a process outside our pid namespace: never one to signal (kill(0) is our group).
+    return [int(p) for p in _read(procs_file).split() if p.isdigit() and int(p) > 0]
 
 
 def _counter(path, name):
@@ -117,7 +119,11 @@ class JobGroup:
         finally:
             if freezer:
                 self._freeze(freezer, "THAWED")    # frozen processes cannot die of the SIGKILL
-        return not self.pids()
+        for _ in range(10):               # killed processes take a moment to leave
+            if not self.pids():
+                return True
+            time.sleep(0.005)
+        return False
 
     @staticmethod
     def _freeze(directory, state):
@@ -168,17 +174,21 @@ class CgroupV1:
     """cgroup v1: <root>/<controller>/<prefix>/<node>/job_<id>.<attempt> in each hierarchy used."""
     CONTROLLERS = ("memory", "cpu", "freezer", "pids")
 
-    def __init__(self, root, prefix, node):
+    def __init__(self, root, prefix, node, mem_mb=0):
         self.root = root
         self.bases = {}
         for controller in self.CONTROLLERS:
             top = os.path.join(root, controller)
-            if os.path.isfile(os.path.join(top, "cgroup.procs")):
+            # The hierarchy's root, or (a container's cgroup_root) the directory above a
+            # mount of this node's own subtree of it.
+            if os.path.isdir(top):
                 self.bases[controller] = os.path.join(top, prefix, node)
         if "memory" not in self.bases and "pids" not in self.bases:
             raise ContainmentError(f"{root} has no cgroup v1 memory or pids hierarchy")
         for base in self.bases.values():
             os.makedirs(base, exist_ok=True)
+        if mem_mb and "memory" in self.bases:    # the node's jobs together: no more than it offers
+            _write(os.path.join(self.bases["memory"], "memory.limit_in_bytes"), str(mem_mb << 20))
         self.name = "cgroup v1"
         self.controllers = sorted(self.bases)
 
@@ -217,7 +227,7 @@ class CgroupV2:
     to the jobs along that path (a cgroup that hands them down holds no processes, and these
     hold none: the daemon stays where it was started)."""
 
-    def __init__(self, root, prefix, node):
+    def __init__(self, root, prefix, node, mem_mb=0):
         self.root = root
         available = _read(os.path.join(root, "cgroup.controllers")).split()
         self.controllers = [c for c in ("memory", "cpu", "pids") if c in available]
@@ -231,6 +241,8 @@ class CgroupV2:
             directory = os.path.join(directory, part)
         if enable:
             _write(os.path.join(directory, "cgroup.subtree_control"), enable)
+        if mem_mb and "memory" in self.controllers:   # the node's jobs together: no more than it offers
+            _write(os.path.join(self.base, "memory.max"), str(mem_mb << 20))
         self.name = "cgroup v2"
 
     def job_group(self, job, attempt, cpus, mem_mb):
@@ -312,7 +324,7 @@ def probe(containment):
         group.remove()
 
 
-def detect(mode, root, prefix, node):
+def detect(mode, root, prefix, node, mem_mb=0):
     """The containment this node can have: mode "cgroup" demands cgroups (ContainmentError
     if none can be made), "process-group" does without them, "auto" takes cgroups where
     they can be made (as root, on a writable hierarchy) and process groups elsewhere."""
@@ -322,9 +334,9 @@ def detect(mode, root, prefix, node):
         if os.geteuid() != 0 and root == "/sys/fs/cgroup":
             raise ContainmentError("only root makes cgroups for other users' jobs")
         if os.path.isfile(os.path.join(root, "cgroup.controllers")):
-            containment = CgroupV2(root, prefix, node)
+            containment = CgroupV2(root, prefix, node, mem_mb)
         elif os.path.isdir(os.path.join(root, "memory")) or os.path.isdir(os.path.join(root, "pids")):
-            containment = CgroupV1(root, prefix, node)
+            containment = CgroupV1(root, prefix, node, mem_mb)
         else:
             raise ContainmentError(f"no cgroup hierarchy at {root}")
         probe(containment)

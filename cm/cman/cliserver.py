@@ -31,8 +31,9 @@ from .vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 log = logging.getLogger("cm.cli")
 
 _PEERCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
-# Reply bytes queued for a client that does not read, before it is dropped.
-MAX_QUEUED = 2 * MAX_MESSAGE_BYTES
+# Reply bytes still queued, after the socket took what it could, for a client that does not
+# read, before it is dropped.
+MAX_QUEUED = 8 * MAX_MESSAGE_BYTES
 # Seconds accepting pauses when the head is out of descriptors.
 ACCEPT_PAUSE = 0.2
 # Descriptors kept for the head's other work (the database, nodes, logs).
@@ -105,11 +106,10 @@ class CliServer:
         body = {"v": PROTOCOL_VERSION, **body}
         caller.outbuf += json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
         caller.close_when_sent = last
-        if len(caller.outbuf) > MAX_QUEUED:
+        self._flush(caller)
+        if not caller.closed and len(caller.outbuf) > MAX_QUEUED:
             log.warning("%r reads none of its replies (%d bytes queued); dropping it", caller, len(caller.outbuf))
             self.close(caller)
-            return
-        self._flush(caller)
 
     def next_deadline(self):
         deadlines = [c.deadline for c in self.callers.values() if c.deadline is not None]

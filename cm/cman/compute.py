@@ -28,15 +28,15 @@ from . import cgroups, keys, messages, wakeup
 from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
-from .tasks import REMOVE_TRIES, Runner, become_subreaper, stop_leftover
+from .tasks import Runner, become_subreaper, stop_leftover
 from .vocab import MAX_MESSAGE_BYTES, EndCause, Op
 
 log = logging.getLogger("cm.compute")
 
 # How many ended tasks a node remembers, so that a launch the head sends again runs none of them.
-RECENT_ENDS = 100000
-# Task ends in one message (each is at most about 1.2 kB).
-ENDS_PER_MESSAGE = 500
+RECENT_ENDS = 10000
+# Bytes of task ends in one message (each is at most about 1.2 kB), well under MAX_MESSAGE_BYTES.
+ENDS_BYTES = MAX_MESSAGE_BYTES // 4
 
 
 def boot_id():
@@ -55,12 +55,12 @@ class Compute:
         self.heartbeat_interval = cfg.heartbeat_interval
         self.head_timeout = cfg.node_timeout
         try:
-            self.containment = cgroups.detect(cfg.containment, cfg.cgroup_root, cfg.cgroup_prefix, name)
+            self.containment = cgroups.detect(cfg.containment, cfg.cgroup_root, cfg.cgroup_prefix, name, mem_mb)
         except cgroups.ContainmentError as e:
             raise ConfigError(str(e)) from None
         log.info("node %s contains jobs with %s %s", name, self.containment.name,
                  ",".join(self.containment.controllers))
-        self.runner = Runner(name, cfg.kill_grace, clock, self.containment)
+        self.runner = Runner(name, cfg.kill_grace, clock, self.containment, watch=self.watch_fd)
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
         self.recent_ends = collections.OrderedDict()   # tasks ended here lately: a repeated launch
                                                        # of one (resent by the head) runs nothing
@@ -100,6 +100,13 @@ class Compute:
     def request_stop(self, signum, frame):
         self.stopping = True
 
+    def watch_fd(self, fd, on):
+        """A task's report pipe, watched until its exec (tasks.Runner.on_report)."""
+        if on:
+            self.poller.register(fd, zmq.POLLIN)
+        else:
+            self.poller.unregister(fd)
+
     def recover(self):
         """Take over from a daemon of this node that stopped without a goodbye."""
         try:
@@ -133,7 +140,7 @@ class Compute:
             if group.pids():
                 log.warning("killing what is left in %s, a job cgroup of the previous daemon", group.dirs)
             if not group.remove():
-                self.runner.unremoved[group] = REMOVE_TRIES
+                self.runner.retry_removal(group)
         for report in state.get("ended", []):
             try:
                 report = messages.TASK_END("ended", report)
@@ -179,8 +186,14 @@ class Compute:
         while self.runner.tasks and self.clock() < deadline:
             self.runner.enforce(self.clock())
             self.collect_ended()
-            self.poller.poll(100)
+            for item, _ in self.poller.poll(100):
+                self.runner.on_report(item)
         self.collect_ended()
+        deadline = self.clock() + 2.0     # what ended last may take a moment to leave its cgroup
+        while self.runner.unremoved and self.clock() < deadline:
+            self.runner.remove_leftovers(self.clock(), every=0)
+            self.poller.poll(50)
+            self.collect_ended()
         if self.socket is not None:
             self.socket.close(0)
         self.mark_registered(False)
@@ -209,6 +222,8 @@ class Compute:
                 self.drain_head()
             elif item == self.signals.fd:
                 self.signals.drain()
+            else:
+                self.runner.on_report(item)
         self.collect_ended()
         now = self.clock()
         if self.fenced_for != self.last_heard and now - self.last_heard >= self.fence_after():
@@ -268,7 +283,11 @@ class Compute:
         """Pause without missing task ends or a stop request."""
         deadline = self.clock() + seconds
         while not self.stopping and self.clock() < deadline:
-            self.poller.poll(max(1, int((deadline - self.clock()) * 1000)))
+            for item, _ in self.poller.poll(max(1, int((deadline - self.clock()) * 1000))):
+                if item == self.signals.fd:
+                    self.signals.drain()
+                else:
+                    self.runner.on_report(item)
             self.collect_ended()
 
     def drain_head(self):
@@ -301,9 +320,10 @@ class Compute:
 
     def register(self):
         running = [{"job": j, "attempt": a, "rank": r} for j, a, r in self.runner.running_keys()]
+        # What fits; the rest of the unacknowledged ends follow the welcome (send_ended).
+        ended = next(iter(in_chunks(list(self.unacked.values()), ENDS_BYTES)), [])
         self.send(messages.Register(name=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
-                                    running=running, ended=list(self.unacked.values()),
-                                    containment=self.containment.name))
+                                    running=running, ended=ended, containment=self.containment.name))
 
     def on_register_again(self, msg):
         if self.welcomed:                 # else a Register is on its way already
@@ -322,8 +342,12 @@ class Compute:
     def on_launch(self, msg):
         done = [r for r in msg.ranks if (msg.job, msg.attempt, r) in self.recent_ends
                 or (msg.job, msg.attempt, r) in self.unacked]
-        if done:                          # a launch sent again: what ended here does not run again
+        if done:                          # a launch sent again: what ended here does not run again,
             log.info("job %d: ranks %s ended here already; not started again", msg.job, _span(done))
+            again = [self.recent_ends[k] for k in ((msg.job, msg.attempt, r) for r in done)
+                     if isinstance(self.recent_ends.get(k), dict)]
+            if again:                     # and the head, which still expects them, hears of their ends
+                self.send_ended(again)
             msg.ranks = [r for r in msg.ranks if r not in set(done)]
             if not msg.ranks:
                 return
@@ -350,7 +374,7 @@ class Compute:
         for r in reports:
             key = (r["job"], r["attempt"], r["rank"])
             self.unacked[key] = r
-            self.recent_ends[key] = True
+            self.recent_ends[key] = r
         while len(self.recent_ends) > RECENT_ENDS:
             self.recent_ends.popitem(last=False)
         self.save_state()
@@ -359,9 +383,23 @@ class Compute:
 
     def send_ended(self, reports):
         """Report task ends; they are sent again every resend interval until acknowledged."""
-        for start in range(0, len(reports), ENDS_PER_MESSAGE):
-            self.send(messages.TaskEnded(ended=reports[start:start + ENDS_PER_MESSAGE]))
+        for chunk in in_chunks(reports, ENDS_BYTES):
+            self.send(messages.TaskEnded(ended=chunk))
         self.resend_ends_at = self.clock() + 2 * self.heartbeat_interval
+
+
+def in_chunks(reports, budget):
+    """The reports in lists whose encoding each takes at most budget bytes."""
+    chunk, size = [], 0
+    for report in reports:
+        length = len(json.dumps(report, ensure_ascii=False).encode()) + 2
+        if chunk and size + length > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(report)
+        size += length
+    if chunk:
+        yield chunk
 
 
 def _span(ranks):

@@ -15,6 +15,9 @@ ALLOWED = {
                        JobState.TIMEOUT, JobState.NODE_FAIL, JobState.OUT_OF_MEMORY, JobState.PENDING},
 }
 
+# Characters of a job's command that views (cminfo) show; the rest is cut.
+VIEW_ARGV_CHARS = 4096
+
 # A fate that puts the job back in the queue instead of ending it.
 REQUEUE = "REQUEUE"
 
@@ -71,6 +74,8 @@ class Job:
         """What cminfo shows: the stored fields less the environment, plus elapsed time."""
         out = self.stored()
         del out["env"]
+        if sum(len(a) for a in self.argv) > VIEW_ARGV_CHARS:     # a list of jobs stays small
+            out["argv"] = [a[:VIEW_ARGV_CHARS // 8] for a in self.argv[:8]] + ["..."]
         out["elapsed"] = elapsed(self.start_time, self.end_time, now)
         out["ntasks"] = self.ntasks
         return out

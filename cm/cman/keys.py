@@ -43,8 +43,9 @@ def make(store, nodes=()):
             zmq.auth.create_certificates(head_dir, "head")
             made.append("head")
         for name in nodes:
-            if not NODE_NAME.fullmatch(name) or name == "head":
-                raise ConfigError(f"{name!r} is not a node name (letters, digits, '.', '_', '-'; not 'head')")
+            if not NODE_NAME.fullmatch(name) or name in ("head", "db"):
+                raise ConfigError(f"{name!r} is not a node name (letters, digits, '.', '_', '-'; "
+                                  "not 'head' or 'db', the store's own)")
             node_dir = os.path.join(store, name)
             if os.path.exists(os.path.join(node_dir, "node.key_secret")):
                 continue

@@ -4,6 +4,7 @@ unless a database URL is given; the head; and N compute daemons), recorded in DI
 `status` find them again. Every process logs to DIR/<name>.log.
 """
 import hashlib
+import re
 import json
 import os
 import shutil
@@ -222,10 +223,10 @@ def down(directory):
 def remove_cgroups(processes):
     """The job cgroups the compute daemons left (a daemon that was killed leaves its own)."""
     from .cgroups import remove_tree
-    for env in {(p["cm_env"].get("CM_CGROUP_ROOT", "/sys/fs/cgroup"), p["cm_env"].get("CM_CGROUP_PREFIX"))
-                for p in processes if p["name"].startswith("node")}:
-        root, prefix = env
-        if prefix and os.geteuid() == 0:
+    for root, prefix in {(p["cm_env"].get("CM_CGROUP_ROOT", "/sys/fs/cgroup"), p["cm_env"].get("CM_CGROUP_PREFIX"))
+                         for p in processes if p["name"].startswith("node")}:
+        # Only the subtree this module gives a cluster (cluster.json may have been edited).
+        if os.geteuid() == 0 and prefix and re.fullmatch(r"cm/local-[0-9a-f]{12}", prefix) and root.startswith("/"):
             remove_tree(root, prefix)
 
 

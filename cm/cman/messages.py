@@ -152,8 +152,9 @@ TASK_END = Record({
 def task_end(key, cause, exit_code=None, signal=None, message=""):
     """One task's end report (the TASK_END shape): key is (job, attempt, rank)."""
     job, attempt, rank = key
+    message = message.encode("utf-8", "replace")[:1000].decode("utf-8", "ignore")   # 1000 bytes at most
     return {"job": job, "attempt": attempt, "rank": rank, "cause": cause,
-            "exit_code": exit_code, "signal": signal, "message": message[:1000]}
+            "exit_code": exit_code, "signal": signal, "message": message}
 
 
 # ---- messages ----

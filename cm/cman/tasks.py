@@ -7,9 +7,15 @@ it as the submitting user (uid, gid, groups); one running as an ordinary user
 runs only that user's jobs. Stopping a task signals its whole process group:
 SIGTERM, then SIGKILL after the grace period. No process is left unreaped.
 
-Where the node has cgroups (cgroups.py), the child first joins its job's
-cgroup, as root, so that nothing it starts can leave it. Nothing of a
-user's paths is touched as root: the child then switches to the user, and only then enters the working directory, makes cmlogs/ and
+A task is forked, never waited for: what the child does before its exec
+(join the job's cgroup, become the user, enter the working directory, open
+the logs) can block on a user's path (a FIFO where a log goes, a network
+mount that does not answer), so the daemon watches the child's report pipe
+from its poll loop and kills a child that has not reached its exec within
+START_TIMEOUT. Where the node has cgroups (cgroups.py), the child first
+joins its job's cgroup, as root, so that nothing it starts can leave it.
+Nothing of a user's paths is touched as root: the child then switches to
+the user, and only then enters the working directory, makes cmlogs/ and
 opens the log files (never through a link), so that a user reaches only
 what the user could reach anyway. What goes wrong there (a directory the
 user may not enter, logs that cannot be written, a command that cannot
@@ -22,7 +28,6 @@ import os
 import pwd
 import signal
 import stat
-import subprocess
 
 import psutil
 
@@ -51,18 +56,22 @@ log = logging.getLogger("cm.tasks")
 
 # Above every descriptor the daemon may hold (closerange stops at the real limit).
 MAX_FD = 1 << 20
+# Seconds a task may take from its fork to its exec before it is killed as unable to start.
+START_TIMEOUT = 30.0
 
 
 class Task:
-    def __init__(self, key, proc, start, time_limit, fence=False):
+    def __init__(self, key, pid, start, time_limit, fence=False, report_fd=None):
         self.key = key                    # (job, attempt, rank)
         self.fence = fence                # stopped when the head falls silent: its job may run elsewhere
-        self.proc = proc
-        self.pid = proc.pid               # also its process group id
+        self.pid = pid                    # also its process group id
         try:                              # tells this process from a later one with the same pid
-            self.create_time = psutil.Process(proc.pid).create_time()
+            self.create_time = psutil.Process(pid).create_time()
         except psutil.Error:
             self.create_time = None
+        self.report_fd = report_fd        # open until the child's exec (EOF) or its failure report
+        self.report = b""                 # what the child wrote there: why it could not start
+        self.start_deadline = start + START_TIMEOUT
         self.start = start
         self.deadline = start + time_limit if time_limit else None
         self.stop_cause = None            # EndCause.TIMEOUT, KILLED or LOST once we start stopping it
@@ -90,18 +99,42 @@ def task_env(spec, rank, local_rank, node_name):
 class TaskChild:
     """What the forked child does: join the job's cgroup (as root), become the user
     (groups, gid, uid: saved ids too, so there is no way back), enter the working
-    directory, open the logs, exec the command itself (what subprocess would exec is
-    never reached). It runs between fork and exec, so it makes system calls only (no
-    logging, no locks); a failure is written to the report pipe and ends the child."""
+    directory, open the logs, exec the command. It runs between fork and exec, so it
+    makes system calls only (no logging, no locks); a failure is written to the report
+    pipe and ends the child."""
 
     def __init__(self, spec, rank, env, report_fd, identity=None, join_files=()):
         self.spec, self.rank, self.env, self.report_fd = spec, rank, env, report_fd
         self.identity = identity          # (uid, gid, groups) to become, or None to stay
         self.join_files = join_files      # cgroup.procs files to write our pid into
 
+    def open_log(self, path):
+        """A log file of the user's: never through a link, and a plain file (a FIFO planted
+        there would block the open, a device would take the output)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            self.fail(1, f"{self.spec.workdir}/{path} is not a plain file of uid {os.geteuid()}'s")
+        os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+        return fd
+
     def fail(self, code, message):
         os.write(self.report_fd, f"{code}\t{message}".encode(errors="replace")[:4000])
         os._exit(code)
+
+    def start(self):
+        """In the forked child: a session of its own, the usual umask and signals, no stdin."""
+        try:
+            os.setsid()
+            os.umask(0o022)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):     # Python ignores them; the task must not
+                signal.signal(sig, signal.SIG_DFL)
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            self.run()
+        finally:
+            os._exit(127)                 # run() execs or exits; nothing returns to the daemon's code
 
     def run(self):
         pid = str(os.getpid()).encode()
@@ -143,8 +176,7 @@ class TaskChild:
                         os.rename(log_path, f"{log_path}.{spec.attempt - 1}")
                     except FileNotFoundError:
                         pass
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-            out, err = (os.open(log_path, flags, 0o644) for log_path in logs)
+            out, err = (self.open_log(log_path) for log_path in logs)
         except OSError as e:
             self.fail(1, f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
         os.dup2(out, 1)
@@ -160,18 +192,24 @@ class TaskChild:
             self.fail(127 if e.errno == errno.ENOENT else 126, message)
 
 
-# Tries at removing a job's cgroup (its last processes may take a moment to go).
-REMOVE_TRIES = 50
+# Seconds a job's cgroup that is not empty yet (its last processes take a moment to go) is
+# tried again, every REMOVE_EVERY seconds, before it is given up on.
+REMOVE_FOR, REMOVE_EVERY = 60.0, 0.5
 
 
 class Runner:
-    def __init__(self, node_name, kill_grace, clock, containment=None):
+    def __init__(self, node_name, kill_grace, clock, containment=None, watch=lambda fd, on: None):
+        """watch(fd, on): the daemon's poll loop starts (on) or stops watching a report pipe,
+        and calls on_report(fd) when it is readable."""
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
+        self.watch = watch
+        self.starting = {}                # report fd -> a task not yet at its exec
         self.containment = containment or ProcessGroups()
         self.tasks = {}                   # key -> Task
         self.by_pid = {}                  # pid -> Task
         self.groups = {}                  # (job, attempt) -> its cgroup here (cgroups.JobGroup)
-        self.unremoved = {}               # cgroups whose removal is tried again -> tries left
+        self.unremoved = {}               # cgroups whose removal is tried again -> when to give up
+        self.next_removal = 0.0
         self.as_root = os.geteuid() == 0
 
     def running_keys(self):
@@ -226,18 +264,22 @@ class Runner:
             return
         del self.groups[(job, attempt)]
         if not group.remove():
-            self.unremoved[group] = REMOVE_TRIES
+            self.retry_removal(group)
 
-    def remove_leftovers(self):
+    def retry_removal(self, group):
+        self.unremoved[group] = self.clock() + REMOVE_FOR
+
+    def remove_leftovers(self, now, every=REMOVE_EVERY):
         """Try again to remove the cgroups of ended jobs that were not empty yet."""
-        for group, tries in list(self.unremoved.items()):
+        if now < self.next_removal:
+            return
+        self.next_removal = now + every
+        for group, give_up_at in list(self.unremoved.items()):
             if group.remove():
                 del self.unremoved[group]
-            elif tries <= 1:
+            elif now >= give_up_at:
                 del self.unremoved[group]
                 log.warning("gave up removing cgroup %s: processes are still in it", group.dirs)
-            else:
-                self.unremoved[group] = tries - 1
 
     def _refusal(self, spec):
         if not self.as_root and spec.uid != os.geteuid():
@@ -255,24 +297,43 @@ class Runner:
         child = TaskChild(spec, rank, task_env(spec, rank, local_rank, self.node_name), report_w,
                           identity, group.join_files() if group else ())
         try:
-            proc = subprocess.Popen(["cm-task"], stdin=subprocess.DEVNULL, start_new_session=True, umask=0o022,
-                                    close_fds=True, preexec_fn=child.run)
-        except (OSError, subprocess.SubprocessError) as e:
+            pid = os.fork()
+        except OSError as e:
             os.close(report_r)
-            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e}")
-        finally:
             os.close(report_w)
-        with os.fdopen(report_r, "rb") as pipe:
-            failure = pipe.read(4096)     # EOF at the task's exec; a report if it never got there
-        if failure:
-            proc.wait()
-            code, _, message = failure.decode(errors="replace").partition("\t")
-            return task_end(key, EndCause.LAUNCH_FAILED, int(code), None, message)
-        task = Task(key, proc, self.clock(), spec.time_limit, fence=spec.may_requeue)
+            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror}")
+        if pid == 0:
+            child.start()                 # never returns
+        os.close(report_w)
+        os.set_blocking(report_r, False)
+        task = Task(key, pid, self.clock(), spec.time_limit, fence=spec.may_requeue, report_fd=report_r)
         self.tasks[key] = task
-        self.by_pid[task.pid] = task
-        log.debug("job %d rank %d started as pid %d", spec.job, rank, task.pid)
+        self.by_pid[pid] = task
+        self.starting[report_r] = task
+        self.watch(report_r, True)
+        log.debug("job %d rank %d forked as pid %d", spec.job, rank, pid)
         return None
+
+    def on_report(self, fd):
+        """A child's report pipe is readable: its exec closed it (it runs), or it wrote why
+        it cannot start (its end, reaped, says so)."""
+        task = self.starting.get(fd)
+        if task is not None:
+            self._read_report(task)
+
+    def _read_report(self, task):
+        while task.report_fd is not None:
+            try:
+                data = os.read(task.report_fd, 4096)
+            except BlockingIOError:
+                return
+            if data:
+                task.report = (task.report + data)[:4096]
+                continue
+            self.watch(task.report_fd, False)
+            del self.starting[task.report_fd]
+            os.close(task.report_fd)
+            task.report_fd = None
 
     def _groups(self, spec):
         try:
@@ -347,6 +408,17 @@ class Runner:
         """Time limits and SIGKILL escalation; returns the next moment this must run again."""
         upcoming = []
         for task in self.tasks.values():
+            if task.report_fd is not None:
+                if now >= task.start_deadline and task.stop_cause is None:
+                    log.warning("job %d rank %d did not reach its exec in %gs; killed", task.key[0], task.key[2],
+                                START_TIMEOUT)
+                    task.stop_cause = EndCause.LAUNCH_FAILED
+                    task.stop_message = (f"did not start within {START_TIMEOUT:g}s: its working directory, logs "
+                                         "or command did not answer")
+                    task.kill_at = now
+                    _signal_group(task.pid, signal.SIGKILL)
+                elif task.stop_cause is None:
+                    upcoming.append(task.start_deadline)
             if task.stop_cause is None and task.deadline is not None:
                 if now >= task.deadline:
                     log.info("job %d rank %d passed its time limit; SIGTERM", task.key[0], task.key[2])
@@ -360,6 +432,8 @@ class Runner:
                     task.kill_at = None
                 else:
                     upcoming.append(task.kill_at)
+        if self.unremoved:
+            upcoming.append(self.next_removal)
         return min(upcoming, default=None)
 
     # ---- reap ----
@@ -368,7 +442,7 @@ class Runner:
         """Collect every child that has ended; returns their end reports."""
         reports = []
         if self.unremoved:
-            self.remove_leftovers()
+            self.remove_leftovers(self.clock())
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -381,12 +455,18 @@ class Runner:
                 continue
             del self.tasks[task.key]
             code = os.waitstatus_to_exitcode(status)
-            task.proc.returncode = code       # so Popen does not wait for it again
+            self._read_report(task)           # all it wrote is there: it has exited
             # Whatever the task left behind goes with it (the rest of its job's cgroup
             # once its job's last task here has ended).
             self._signal_task(task, signal.SIGKILL, whole_job=False)
             exit_code, sig = (code, None) if code >= 0 else (None, -code)
             cause = task.stop_cause or EndCause.EXITED
+            if task.report:                   # it never reached its exec
+                text, _, message = task.report.decode(errors="replace").partition("\t")
+                cause, task.stop_message = EndCause.LAUNCH_FAILED, message
+                exit_code = int(text) if text.isdigit() else 1
+            elif task.stop_cause == EndCause.LAUNCH_FAILED:
+                exit_code = 1
             group = self.groups.get(task.key[:2])
             if cause == EndCause.EXITED and group is not None and group.out_of_memory():
                 cause = EndCause.OUT_OF_MEMORY

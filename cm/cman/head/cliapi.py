@@ -103,6 +103,8 @@ class CliApi:
             self.answer_retry(other, other_msg, key)
 
     def add_waiter(self, job_id, caller):
+        if getattr(caller, "closed", False):
+            return                        # gone already (its first reply found no one to read it)
         job = self.queue.get(job_id)
         if job is not None and job.state in JobState.FINAL:
             self.out.reply(caller, JobEnded(job=job.view(self.wall())))

@@ -26,6 +26,9 @@ from .nodes import Node
 
 log = logging.getLogger("cm.head")
 
+# Stray job attempts a node's heartbeat may make the head act on (the rest wait for the next).
+MAX_STRAYS_A_HEARTBEAT = 100
+
 ALTERED = "its record in the database does not match the head's seal (altered there?): it runs nothing"
 
 
@@ -218,9 +221,13 @@ class JobQueue:
                     self.send_launch(job, job.node_list.index(node.name), sorted(job.outstanding[node.name]))
             elif wrong:
                 seen.add(key)
+        strays = 0
         for job_id, attempt in sorted(running):
             job = self.jobs.get(job_id)
             if job is None or job.attempt != attempt or job_id not in node.jobs:
+                strays += 1
+                if strays > MAX_STRAYS_A_HEARTBEAT:
+                    break                 # what a node claims cannot make the head send without bound
                 key = (job_id, attempt)
                 seen.add(key)
                 if self._unconfirmed_for(node, key, now) >= resend_after:
