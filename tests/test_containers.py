@@ -204,7 +204,7 @@ def test_each_job_on_a_compute_container_is_in_a_cgroup_and_what_escapes_its_ses
     # Its cgroup is in the node's own subtree of this host's hierarchy, which is all the node can reach.
     with open(f"/sys/fs/cgroup/memory/cm/{cc.project}/{node}/job_{job_id}.0/memory.limit_in_bytes") as f:
         assert f.read().strip() == str(100 << 20)
-    code, out = container.exec_run(["ls", "/sys/fs/cgroup-cm/memory/cm"])
+    code, out = container.exec_run(["ls", "/run/cm-cgroups/memory/cm"])
     assert (code, out.decode().split()) == (0, [cc.project])
     cc.ok(f"cmkill {job_id}")
     cc.wait_state(job_id, "CANCELLED")
