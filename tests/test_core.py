@@ -480,3 +480,24 @@ def test_ten_thousand_composed_request_sequences_each_get_an_answer(caplog, figu
     assert all(r["ok"] in (True, False) for _, r in out.replies)
     assert submitted > sequences / 2 and writer.next_job_id > sequences / 3
     figures["composed request sequences, each answered (core)"] = sequences
+
+
+@pytest.mark.parametrize("seal_them", [False, True])
+def test_jobs_queued_before_seals_run_only_if_the_operator_says_so_once(seal_them):
+    old = FakeWriter()
+    core, out, writer, clock = new_core(old)
+    register(core, cpus=2)
+    submit(core, ALICE)                               # stored PENDING; the head stops before placing it
+    writer.complete()
+    writer.live[0]["seal"] = None                     # as a cm that did not seal stored it
+    cfg = config.load({"CM_NODE_TIMEOUT": "3", "CM_HEARTBEAT_INTERVAL": "1",
+                       "CM_SEAL_UNSEALED_JOBS": "true" if seal_them else "false"}, site_file=None)
+    core, out, writer, clock = new_core(FakeWriter(writer.state()), cfg=cfg)
+    register(core, cpus=2)
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    if seal_them:
+        assert len(out.sent_ops(Op.LAUNCH)) == 1
+    else:
+        assert out.sent_ops(Op.LAUNCH) == [] and core.queue.get(0).state == "FAILED"

@@ -152,3 +152,14 @@ def test_no_other_user_of_the_machine_reaches_the_database(cluster):
                            "/usr/bin/python3", "-c", probe, url], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "Permission denied" in proc.stderr
     assert url.startswith("mongodb://%2F")                  # a Unix socket, not a TCP port anyone may reach
+
+
+def test_a_removed_node_key_is_no_longer_obeyed_and_a_restored_one_is(own_cluster):
+    cluster = own_cluster
+    published = os.path.join(cluster.dir, "keys", "head", "nodes", "node1.key")
+    kept = published + ".kept"
+    os.rename(published, kept)                         # as an operator revokes a node
+    wait_until(lambda: cluster.node_states()["node1"] == "DOWN", timeout=20, what="node1 DOWN once revoked")
+    assert "node node1's key is no longer valid" in open(os.path.join(cluster.dir, "head.log")).read()
+    os.rename(kept, published)
+    wait_until(lambda: cluster.node_states()["node1"] == "UP", timeout=30, what="node1 back with its key")

@@ -36,8 +36,10 @@ _PEERCRED = struct.Struct("3i")     # struct ucred: pid, uid, gid
 MAX_QUEUED = 8 * MAX_MESSAGE_BYTES
 # Seconds accepting pauses when the head is out of descriptors.
 ACCEPT_PAUSE = 0.2
-# Descriptors kept for the head's other work (the database, nodes, logs).
-SPARE_FDS = 128
+# Descriptors kept for the head's other work (the database, nodes, logs), at the least.
+SPARE_FDS = 256
+# The most descriptors the head asks for (a poll set stays this size at most).
+MAX_FDS = 1 << 16
 
 
 class Caller:
@@ -66,8 +68,7 @@ class CliServer:
         self.path, self.poller, self.on_request, self.on_gone = path, poller, on_request, on_gone
         self.timeout, self.clock = timeout, clock
         self.max_per_user = max_per_user
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        self.max_callers = max(16, soft - SPARE_FDS) if soft != resource.RLIM_INFINITY else 1 << 16
+        self.max_callers = self._descriptor_budget()
         self.callers = {}
         self.per_uid = {}                # uid -> its open connections
         self.accepting = True
@@ -83,6 +84,23 @@ class CliServer:
         self.listener.listen(256)
         self.listener.setblocking(False)
         poller.register(self.listener.fileno(), _POLLIN)
+
+    @staticmethod
+    def _descriptor_budget():
+        """Connections the CLI may hold: the descriptors there are (the soft limit raised to
+        the hard one), less a quarter, at least SPARE_FDS, for the nodes, the database and
+        the rest of the head."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > MAX_FDS:
+            hard = MAX_FDS
+        if soft == resource.RLIM_INFINITY or soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError):
+                pass
+        soft = min(soft, MAX_FDS)
+        return max(16, soft - max(SPARE_FDS, soft // 4))
 
     def owns(self, fd):
         return fd == self.listener.fileno() or fd in self.callers

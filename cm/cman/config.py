@@ -99,6 +99,7 @@ SCHEMA = {
     "socket": (_text, "the path of a Unix socket"),
     "keys_dir": (_optional_path, "an absolute path, or nothing"),
     "insecure": (_bool, "true or false"),
+    "seal_unsealed_jobs": (_bool, "true or false"),
     "head_host": (_text, "a host name or address"),
     "head_port": (_port, "a port number from 1 to 65535"),
     "head_bind": (_text, "an address such as 127.0.0.1 or 0.0.0.0"),

@@ -120,22 +120,29 @@ def _check_private(label, path):
 
 class NodeKeys:
     """The compute nodes' public keys the head accepts, and the name each is bound to.
-    Used from the authenticator's thread only."""
+    Read again whenever a file of nodes/ changes (a key added, replaced or removed), by
+    the authenticator's thread at each handshake and by the head's loop now and then;
+    each replaces the tables whole, so readers see one version or the next."""
 
     def __init__(self, directory):
         self.directory = directory
         self.version = None
         self.names = {}                   # z85 public key (bytes) -> node name
+        self.keys = {}                    # node name -> its z85 public key
+
+    def _version(self):
+        try:
+            return tuple((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size)
+                         for e in sorted(os.scandir(self.directory), key=lambda e: e.name))
+        except OSError:
+            return None
 
     def refresh(self):
-        try:
-            version = os.stat(self.directory).st_mtime_ns
-        except OSError:
-            version = None
+        version = self._version()
         if version == self.version:
             return
         names = {}
-        for entry in sorted(os.listdir(self.directory)) if version is not None else []:
+        for entry, *_ in version or ():
             name = entry[:-4]
             if not entry.endswith(".key") or not NODE_NAME.fullmatch(name):
                 continue
@@ -144,15 +151,24 @@ class NodeKeys:
             except (OSError, ValueError):
                 continue
             names[public] = name
-        self.names, self.version = names, version
+        self.names, self.keys, self.version = names, {n: k for k, n in names.items()}, version
 
     def callback(self, domain, z85_key):
         """ZAP: is this a node's key?"""
         self.refresh()
         return z85_key in self.names
 
-    def name_of(self, raw_key):
-        return self.names.get(z85.encode(raw_key))
+    def user_id(self, raw_key):
+        """What the head's messages carry: "<node>:<key>" (the key, so that a key replaced
+        or removed since the connection was made is no longer obeyed)."""
+        key = z85.encode(raw_key)
+        name = self.names.get(key)
+        return f"{name}:{key.decode()}" if name else ""
+
+    def current(self, user_id):
+        """The node a message's User-Id names, if its key is still that node's; else None."""
+        name, _, key = (user_id or "").partition(":")
+        return name if name and self.keys.get(name, b"").decode() == key else None
 
 
 def check_keys_or_insecure(cfg, role, log):
@@ -174,8 +190,8 @@ def check_keys_or_insecure(cfg, role, log):
 
 def serve_securely(ctx, socket, directory, log):
     """Make socket a CURVE server that accepts only the nodes' keys; each message it
-    receives then carries, as its User-Id, the name of the node whose key sent it.
-    Returns the authenticator, to stop when the head stops."""
+    receives then carries, as its User-Id, the node whose key sent it (NodeKeys.current
+    says which). Returns the authenticator, to stop when the head stops, and the keys."""
     from zmq.auth.thread import ThreadAuthenticator
 
     public, secret = _load(directory, "head", secret=True)
@@ -185,18 +201,15 @@ def serve_securely(ctx, socket, directory, log):
                           "`cmkeys STORE NODE...` makes a key per node")
     node_keys = NodeKeys(nodes_dir)
 
-    def user_id(client_public_key):
-        return node_keys.name_of(client_public_key) or ""
-
     auth = ThreadAuthenticator(ctx, log=log)
     auth.start()
     # The authenticator that answers ZAP requests: the thread's own in some pyzmq
     # releases (24), the ThreadAuthenticator itself in others.
-    getattr(auth.thread, "authenticator", auth).curve_user_id = user_id
+    getattr(auth.thread, "authenticator", auth).curve_user_id = node_keys.user_id
     auth.configure_curve_callback(domain="*", credentials_provider=node_keys)
     socket.curve_secretkey, socket.curve_publickey = secret, public
     socket.curve_server = True
-    return auth
+    return auth, node_keys
 
 
 def connect_securely(socket, directory):

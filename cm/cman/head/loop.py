@@ -25,6 +25,8 @@ log = logging.getLogger("cm.head")
 # Messages taken from the compute socket in one go before the loop looks at
 # its other work (CLI requests, expiries, a placement pass).
 BATCH = 500
+# Seconds between the head's looks at the nodes' keys (a removed key stops being obeyed).
+KEYS_CHECK_EVERY = 5.0
 # Seconds the head waits, when stopping, for its queued writes to reach the database.
 FLUSH_ON_STOP = 5.0
 
@@ -82,9 +84,11 @@ class Head:
         # Routing ids are the ROUTER's own (nodes set none), and a node is known by
         # the key it connected with (node_of), so no connection can take another's over.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.auth = None
+        self.auth = self.node_keys = None
         if self.cfg.keys_dir:
-            self.auth = keys.serve_securely(self.ctx, self.router, self.cfg.keys_dir, logging.getLogger("cm.auth"))
+            self.auth, self.node_keys = keys.serve_securely(self.ctx, self.router, self.cfg.keys_dir,
+                                                            logging.getLogger("cm.auth"))
+        self.keys_checked_at = self.clock()
         self.router.bind(f"tcp://{self.cfg.head_bind}:{self.cfg.head_port}")
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
@@ -126,6 +130,9 @@ class Head:
             elif self.cli.owns(item):
                 self.cli.handle(item, events)
         now = self.clock()
+        if self.node_keys is not None and now - self.keys_checked_at >= KEYS_CHECK_EVERY:
+            self.keys_checked_at = now
+            self.node_keys.refresh()      # a key removed stops being obeyed within this time
         self.core.tick(now)
         self.cli.expire(now)
 
@@ -149,7 +156,7 @@ class Head:
             log.warning("dropped a compute frame set of %d parts (want one message)", len(frames) - 1)
             return
         peer, payload = frames[0].bytes, frames[1]
-        key_name = payload.get("User-Id") if self.auth is not None else None
+        key_name = self.node_keys.current(payload.get("User-Id")) if self.auth is not None else None
         try:
             msg = messages.decode(payload.bytes, messages.COMPUTE_TO_HEAD)
         except VersionMismatch as e:
@@ -167,8 +174,11 @@ class Head:
         under another name is refused); without, the name its connection registered with.
         A node's latest connection is where the head sends to it."""
         if self.auth is not None:
-            if not key_name:
-                log.warning("dropped a message from a connection with no node's key")
+            if not key_name:                  # its key was replaced or removed since it connected
+                if self.peers.get(peer):
+                    log.warning("node %s's key is no longer valid; its connection is no longer obeyed",
+                                self.peers[peer])
+                    self.routes.pop(self.peers.pop(peer), None)
                 return None
             if msg.OP == Op.REGISTER and msg.name != key_name:
                 log.warning("refused a register as node %r from the holder of node %s's key",

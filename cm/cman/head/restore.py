@@ -29,8 +29,13 @@ def restore(core, state):
     for fields in state["ended"]:          # ended since the last compaction: the most recent
         core.queue.remember_ended(Job(**fields))
     altered = []
+    sealer = core.queue.sealer
     for _, fields in sorted(state["jobs"].items()):
         job = Job(**fields)
+        if job.seal is None and sealer.key is not None and core.cfg.seal_unsealed_jobs:
+            job.seal = sealer.seal(job)   # queued before jobs were sealed: trusted as stored, once
+            core.queue.write_job(job, ("seal",))
+            log.warning("job %d had no seal (queued by an earlier cm); sealed as the database holds it", job.id)
         core.cli.remember(job)
         core.queue.add(job)
         if job.state == JobState.RUNNING and not core.queue.sealer.verify(job):
