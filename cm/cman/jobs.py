@@ -27,6 +27,7 @@ STORED_FIELDS = (
     "nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "retries",
     "submit_time", "start_time", "end_time", "state", "reason",
     "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate", "seal",
+    "script",
 )
 
 
@@ -47,6 +48,7 @@ class Job:
         self.ended_ranks = []
         self.request_id = None
         self.seal = None               # the head's seal on who runs what (seal.py)
+        self.script = ""               # a batch script's text, copied at submission ("": none)
         self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
         self.__dict__.update(fields)   # cancel asked before a head restart still ends it after
         self.launched = self.state == JobState.RUNNING   # a job stored RUNNING was launched
@@ -74,6 +76,7 @@ class Job:
         """What cminfo shows: the stored fields less the environment, plus elapsed time."""
         out = self.stored()
         del out["env"]
+        out["script"] = bool(self.script)
         if sum(len(a) for a in self.argv) > VIEW_ARGV_CHARS:     # a list of jobs stays small
             out["argv"] = [a[:VIEW_ARGV_CHARS // 8] for a in self.argv[:8]] + ["..."]
         out["elapsed"] = elapsed(self.start_time, self.end_time, now)

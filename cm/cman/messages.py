@@ -132,6 +132,8 @@ def check_fields(data, fields, optional, prefix=""):
 
 
 NODE_NAME = Str(63, r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The longest batch script cm carries (cmrun copies it at submission).
+MAX_SCRIPT = 256 * 1024
 JOB_ID = Int(0, 2**53)
 ATTEMPT = Int(0, 10**6)
 RANK = Int(0, 10**6)
@@ -252,6 +254,7 @@ class Launch(Message):
         "uid": Int(0, 2**32 - 1), "gid": Int(0, 2**32 - 1), "user": Str(256),
         "time_limit": Int(0, 10**9), "may_requeue": Bool(),
         "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),     # this node's share: its cgroup's limits
+        "script": Str(MAX_SCRIPT, empty=True),    # a batch script's text, run as argv[0] ("": none)
     }
 
 
@@ -275,9 +278,10 @@ class Submit(Message):
         "workdir": Str(4096, r"/.*"), "env": List(ENV_ENTRY, max_len=10000),
         "nodes": Int(1, 100000), "procs_per_node": Int(1, 100000), "cpus_per_proc": Int(1, 100000),
         "mem_mb": Int(0, 2**40), "time_limit": Int(0, 10**9), "name": Str(256),
-        "retries": Int(0, 1000), "wait": Bool(),
+        "retries": Int(0, 1000), "wait": Bool(), "script": Str(MAX_SCRIPT),
     }
-    OPTIONAL = ("nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "name", "retries", "wait")
+    OPTIONAL = ("nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "name", "retries", "wait",
+                "script")
 
 
 class Info(Message):
@@ -349,10 +353,10 @@ HEAD_TO_COMPUTE = {m.OP: m for m in (Welcome, HeartbeatAck, RegisterAgain, Launc
 CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait)}
 
 
-def launch_bytes(argv, env, workdir, nodes):
+def launch_bytes(argv, env, workdir, nodes, script=""):
     """At most how many bytes the Launch of such a job takes on the wire: its command,
-    environment and directory as they encode, a node list of the longest names, the rest."""
-    text = json.dumps([argv, env, workdir], separators=(",", ":"), ensure_ascii=False).encode()
+    environment, directory and script as they encode, a node list of the longest names, the rest."""
+    text = json.dumps([argv, env, workdir, script], separators=(",", ":"), ensure_ascii=False).encode()
     return len(text) + nodes * 66 + 4096
 
 

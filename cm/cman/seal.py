@@ -16,7 +16,7 @@ import os
 
 # What a seal covers: all a job's record holds that decides as whom and how it runs.
 SEALED_FIELDS = ("uid", "gid", "user", "argv", "workdir", "env", "nodes", "procs_per_node",
-                 "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id")
+                 "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id", "script")
 CONTEXT = b"cm job seal 1"
 
 

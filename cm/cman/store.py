@@ -72,6 +72,7 @@ class JobDoc(me.EmbeddedDocument):
     request_id = me.StringField()
     fate = me.StringField()
     seal = me.StringField()                                # the head's HMAC of who runs what (seal.py)
+    script = me.StringField(default="")                    # a batch script's text ("": none)
 
 
 def check_job(fields):

@@ -108,6 +108,23 @@ class TaskChild:
         self.identity = identity          # (uid, gid, groups) to become, or None to stay
         self.join_files = join_files      # cgroup.procs files to write our pid into
 
+    def write_script(self, directory):
+        """The batch script as it was at submission, in the job's log directory (as the user,
+        never through a link): written under a name of this rank's, then renamed into place,
+        so that ranks on one node never see each other's half-written copy."""
+        path = f"{directory}/script"
+        partial = f"{directory}/.script.{self.rank}.{os.getpid()}"
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+            data = self.spec.script.encode()
+            while data:
+                data = data[os.write(fd, data):]
+            os.close(fd)
+            os.rename(partial, path)
+        except OSError as e:
+            self.fail(1, f"cannot write the job's script under {self.spec.workdir}/{directory}: {e.strerror}")
+        return path                       # relative to the working directory, where we are
+
     def open_log(self, path):
         """A log file of the user's: never through a link, and a plain file (a FIFO planted
         there would block the open, a device would take the output)."""
@@ -179,12 +196,18 @@ class TaskChild:
             out, err = (self.open_log(log_path) for log_path in logs)
         except OSError as e:
             self.fail(1, f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
+        program = spec.argv[0]
+        if spec.script:
+            program = self.write_script(directory)
         os.dup2(out, 1)
         os.dup2(err, 2)
         os.closerange(3, self.report_fd)  # nothing of the daemon's reaches the task
         os.closerange(self.report_fd + 1, MAX_FD)
         try:
-            os.execvpe(spec.argv[0], spec.argv, self.env)
+            if spec.script:
+                os.execve(program, spec.argv, self.env)
+            else:
+                os.execvpe(program, spec.argv, self.env)
         except OSError as e:
             # No such command (127, as a shell says) or not executable (126).
             message = f"cannot run {spec.argv[0]!r}: {e.strerror}"

@@ -2,6 +2,12 @@
 
     cmrun -n 2 -p 4 ./sim --steps 100
     cmrun --wait -t 10m -- python3 train.py --debug   # block; exit with the job's exit code
+    cmrun -t 1h train.sh --lr 0.1                     # a batch script: its #CM lines are options
+
+A command that is a script (a file starting with "#!") is a batch script, as
+sbatch's: it is copied at submission (editing it afterwards changes nothing),
+every rank runs the copy, and its leading "#CM ..." lines carry cmrun options
+(#CM -n 2 -p 4, #CM -t 10m, #CM -J train); options on the command line win.
 
 cmrun's options end at the command's first word, or at `--`; everything
 after that is the command's own. Options left out take the cluster's
@@ -18,6 +24,8 @@ from .common import Parser, UsageError, configured, converted, run, whole_number
 
 # The longest argument or NAME=value cm carries (messages.Submit's limit).
 MAX_TEXT = 65536
+# The longest batch script cm carries (messages.MAX_SCRIPT).
+MAX_SCRIPT = 256 * 1024
 # Each option with a cluster default: (its dest, the setting).
 DEFAULTS = (("nodes", "default_nodes"), ("procs_per_node", "default_procs_per_node"),
             ("cpus_per_proc", "default_cpus_per_proc"), ("mem", "default_mem"),
@@ -48,9 +56,64 @@ def parser():
     return p
 
 
+def read_script(path):
+    """The text of a batch script (a file starting with "#!"), or None for any other command."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"#!":
+                return None
+            data = b"#!" + f.read(MAX_SCRIPT)
+    except (OSError, ValueError):
+        return None                       # not a file here (a command on PATH, say): run as it is
+    if len(data) > MAX_SCRIPT:
+        raise UsageError(f"{path}: a batch script of over {MAX_SCRIPT // 1024} KiB is more than cm carries")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: a batch script must be UTF-8 text") from None
+
+
+def script_options(path, text):
+    """The options of a script's leading #CM lines (those before its first command), each
+    line checked on its own; UsageError naming the line."""
+    import shlex
+    options, has_command = [], False
+    for number, line in enumerate(text.splitlines()[1:], 2):
+        stripped = line.strip()
+        if stripped.startswith("#CM"):
+            if not (stripped == "#CM" or stripped[3] in " \t"):
+                continue                  # #CMD, #CMAKE, ...: a comment of its own
+            try:
+                words = shlex.split(stripped[3:])
+                if parser().parse(words + ["--", "x"]).command != ["x"]:
+                    raise UsageError(f"#CM lines hold cmrun's options only, not a command: {stripped[3:].strip()!r}")
+            except ValueError as e:
+                raise UsageError(f"{path}:{number}: {e}") from None
+            except UsageError as e:
+                raise UsageError(f"{path}:{number}: {e}") from None
+            options += words
+        elif stripped and not stripped.startswith("#"):
+            has_command = True
+            break
+    if not has_command:
+        raise UsageError(f"{path}: no command after its #CM lines")
+    return options
+
+
+def merge_script_options(args, options):
+    """Options from #CM lines, where the command line did not give them."""
+    from_script = parser().parse(options + ["--"] + args.command)
+    for dest, value in vars(from_script).items():
+        if dest != "command" and getattr(args, dest) in (None, False):
+            setattr(args, dest, value)
+
+
 def job_request(args, settings):
     if not args.command:
         raise UsageError("no command given")
+    script = read_script(args.command[0])
+    if script is not None:
+        merge_script_options(args, script_options(args.command[0], script))
     if args.name is not None and not (0 < len(args.name) <= 256):
         raise UsageError("-J/--name: want 1 to 256 characters")
     workdir = os.path.abspath(args.chdir or os.getcwd())
@@ -74,6 +137,8 @@ def job_request(args, settings):
               "mem_mb": args.mem, "time_limit": args.time, "retries": args.retries}
     if args.name is not None:
         fields["name"] = args.name
+    if script is not None:
+        fields["script"] = script
     if args.wait:
         fields["wait"] = True
     return fields

@@ -144,6 +144,7 @@ class CliApi:
             time_limit=msg.get("time_limit", cfg.default_time),
             retries=msg.get("retries", cfg.default_retries),
             submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
+            script=msg.get("script", ""),
         )
         job.seal = self.sealer.seal(job)
         why = placement.never_fits(job, self.nodes.capacity())
@@ -151,7 +152,7 @@ class CliApi:
         if limit and self.queue.active_by_uid[caller.uid] >= limit:
             why = (f"{job.user} has {limit} pending and running jobs, the most one user may have "
                    "(max_active_jobs_per_user)")
-        size = messages.launch_bytes(job.argv, job.env, job.workdir, job.nodes)
+        size = messages.launch_bytes(job.argv, job.env, job.workdir, job.nodes, job.script)
         if size > MAX_MESSAGE_BYTES:
             why = (f"its command, environment and node list take {size} bytes to send to a node, "
                    f"over the limit of {MAX_MESSAGE_BYTES}")

@@ -75,8 +75,10 @@ class JobQueue:
                  f", signal {job.exit_signal}" if job.exit_signal else "")
 
     def remember_ended(self, job):
-        """Keep the latest ended jobs at hand, without their environments (the largest part)."""
+        """Keep the latest ended jobs at hand, without their environments and scripts (the largest
+        parts; a script's text is kept as its first two characters, so views still say there was one)."""
         job.env = None
+        job.script = job.script[:2]
         self.ended[job.id] = job
         while len(self.ended) > self.cfg.ended_jobs_in_memory:
             self.ended.popitem(last=False)
@@ -156,7 +158,8 @@ class JobQueue:
             job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=node_rank,
             nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
             env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit,
-            may_requeue=job.retries > 0, cpus=placement.cpus_per_node(job), mem_mb=job.mem_mb))
+            may_requeue=job.retries > 0, cpus=placement.cpus_per_node(job), mem_mb=job.mem_mb,
+            script=job.script))
 
     def reconcile(self, node, running):
         """A node registered (again) saying what it runs. A task the head expects and the
