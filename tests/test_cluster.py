@@ -37,7 +37,8 @@ def test_n_by_p_job_gets_its_environment_and_log_files(cluster, workdir):
     out = cluster.ok("cmrun", "-n", "3", "-p", "2", "--wait", cmd, cwd=workdir)
     job_id = int(out.strip())
     logs = os.path.join(workdir, "cmlogs", str(job_id))
-    assert sorted(os.listdir(logs)) == sorted(f"{r}.{k}" for r in range(6) for k in ("out", "err"))
+    # Each rank's output, and the script's copy (a script is copied at submission).
+    assert sorted(os.listdir(logs)) == sorted([f"{r}.{k}" for r in range(6) for k in ("out", "err")] + ["script"])
     rows = []
     for rank in range(6):
         with open(os.path.join(logs, f"{rank}.out")) as f:
