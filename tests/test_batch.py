@@ -70,3 +70,37 @@ def test_a_script_without_cm_lines_and_a_plain_program_run_as_before(cluster, wo
     assert outputs(workdir, job) == ["plain x\n"]
     job = cluster.submit("--wait", "echo", "#CM", cwd=workdir)
     assert outputs(workdir, job) == ["#CM\n"]
+
+
+def test_a_held_job_starts_only_once_released_and_only_its_owner_or_root_may(cluster, workdir):
+    from test_cluster import as_nobody
+    nobody, run_as_nobody = as_nobody(cluster)
+    os.chmod(cluster.dir, 0o755)
+    job = cluster.submit("--hold", "touch", "ran", cwd=workdir)
+    view = cluster.job(job)
+    assert (view["state"], view["reason"]) == ("PENDING", "JobHeldUser")
+    assert "(JobHeldUser)" in cluster.ok("cminfo", "-j", str(job))
+    later = cluster.submit("--wait", "true", cwd=workdir)          # a held job blocks no one
+    assert cluster.job(later)["state"] == "COMPLETED"
+    refused = run_as_nobody("cmctl", "release", str(job), cwd="/tmp")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == f"cmctl: error: job {job}: permission denied: it belongs to root"
+    cluster.ok("cmcluster", "restart", "head", "--dir", cluster.dir)   # the hold is recorded
+    wait_until(lambda: cluster.cm("cminfo").returncode == 0, what="the head back")
+    assert cluster.job(job)["reason"] == "JobHeldUser"
+    assert not os.path.exists(os.path.join(workdir, "ran"))
+    cluster.ok("cmctl", "release", str(job))
+    cluster.wait_state(job, "COMPLETED")
+    assert os.path.exists(os.path.join(workdir, "ran"))
+    # Holding again: a job that has ended cannot be; an unknown id is named.
+    proc = cluster.cm("cmctl", "hold", str(job), "999999")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"cmctl: error: job {job}: already ended",
+                                                "cmctl: error: job 999999: no such job"]
+    pending = cluster.submit("-n", "3", "-c", "2", "sleep", "300", cwd=workdir)
+    queued = cluster.submit("true", cwd=workdir)
+    cluster.ok("cmctl", "hold", str(queued))
+    cluster.ok("cmkill", str(pending))
+    assert cluster.job(queued)["state"] == "PENDING"
+    cluster.ok("cmctl", "release", str(queued))
+    cluster.wait_state(queued, "COMPLETED")

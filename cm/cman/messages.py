@@ -278,10 +278,10 @@ class Submit(Message):
         "workdir": Str(4096, r"/.*"), "env": List(ENV_ENTRY, max_len=10000),
         "nodes": Int(1, 100000), "procs_per_node": Int(1, 100000), "cpus_per_proc": Int(1, 100000),
         "mem_mb": Int(0, 2**40), "time_limit": Int(0, 10**9), "name": Str(256),
-        "retries": Int(0, 1000), "wait": Bool(), "script": Str(MAX_SCRIPT),
+        "retries": Int(0, 1000), "wait": Bool(), "script": Str(MAX_SCRIPT), "hold": Bool(),
     }
     OPTIONAL = ("nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "name", "retries", "wait",
-                "script")
+                "script", "hold")
 
 
 class Info(Message):
@@ -302,6 +302,18 @@ class Wait(Message):
     """CLI -> head: reply when this job has ended."""
     OP = Op.WAIT
     FIELDS = {"job_id": JOB_ID}
+
+
+class Hold(Message):
+    """CLI -> head: keep these pending jobs from starting (cmctl hold)."""
+    OP = Op.HOLD
+    FIELDS = {"job_ids": List(JOB_ID, min_len=1, max_len=100000)}
+
+
+class Release(Message):
+    """CLI -> head: let these held jobs start (cmctl release)."""
+    OP = Op.RELEASE
+    FIELDS = {"job_ids": List(JOB_ID, min_len=1, max_len=100000)}
 
 
 # ---- replies to the CLI: {"ok": true, fields...} or {"ok": false, "error": ...} ----
@@ -337,6 +349,11 @@ class Cancelled(Reply):
     FIELDS = ("results",)
 
 
+class Changed(Reply):
+    """cmctl hold/release: one result per job, {"job_id", "ok"} or {"job_id", "ok": false, "error"}."""
+    FIELDS = ("results",)
+
+
 class JobEnded(Reply):
     """The job a waiting cmrun (or cmrun --wait) asked for has ended: its view."""
     FIELDS = ("job",)
@@ -350,7 +367,7 @@ class Refused(Reply):
 
 COMPUTE_TO_HEAD = {m.OP: m for m in (Register, Heartbeat, TaskEnded)}
 HEAD_TO_COMPUTE = {m.OP: m for m in (Welcome, HeartbeatAck, RegisterAgain, Launch, Kill, EndedAck)}
-CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait)}
+CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait, Hold, Release)}
 
 
 def launch_bytes(argv, env, workdir, nodes, script=""):

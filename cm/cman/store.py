@@ -73,6 +73,7 @@ class JobDoc(me.EmbeddedDocument):
     fate = me.StringField()
     seal = me.StringField()                                # the head's HMAC of who runs what (seal.py)
     script = me.StringField(default="")                    # a batch script's text ("": none)
+    held = me.BooleanField(default=False)                  # held back from starting (cmctl hold)
 
 
 def check_job(fields):

@@ -51,6 +51,7 @@ class PendingReason:
     RESOURCES = "Resources"      # first in line, the free resources do not fit it
     PRIORITY = "Priority"        # waits behind an earlier job (jobs start in order)
     REQUEUED = "Requeued"        # its node was lost; it waits to run again
+    HELD = "JobHeldUser"         # held by its owner or root (cmrun --hold, cmctl hold) until released
 
 
 class EndCause:
@@ -82,6 +83,8 @@ class Op:
     INFO = "info"
     CANCEL = "cancel"
     WAIT = "wait"
+    HOLD = "hold"
+    RELEASE = "release"
 
 
 class Exit:

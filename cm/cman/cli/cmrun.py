@@ -53,6 +53,8 @@ def parser():
     p.add_argument("-J", "--name", help="job name (default: the command's name)")
     p.add_argument("-D", "--chdir", help="working directory of the tasks, where cmlogs/ goes (default: here)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its exit code")
+    p.add_argument("--hold", action="store_true",
+                   help="submit the job held: it starts only once released (cmctl release JOBID)")
     return p
 
 
@@ -139,6 +141,8 @@ def job_request(args, settings):
         fields["name"] = args.name
     if script is not None:
         fields["script"] = script
+    if args.hold:
+        fields["hold"] = True
     if args.wait:
         fields["wait"] = True
     return fields

@@ -13,8 +13,8 @@ import pwd
 
 from .. import messages, placement
 from ..jobs import Job
-from ..messages import BadMessage, Cancelled, InfoReply, JobEnded, Refused, Submitted
-from ..vocab import MAX_MESSAGE_BYTES, JobState, Op
+from ..messages import BadMessage, Cancelled, Changed, InfoReply, JobEnded, Refused, Submitted
+from ..vocab import MAX_MESSAGE_BYTES, JobState, Op, PendingReason
 
 log = logging.getLogger("cm.head")
 
@@ -48,7 +48,8 @@ class CliApi:
         self.waiters = {}                # job id -> callers waiting for its end
         self.db_available = True
         self.handlers = {Op.SUBMIT: self.on_submit, Op.INFO: self.on_info,
-                         Op.CANCEL: self.on_cancel, Op.WAIT: self.on_wait}
+                         Op.CANCEL: self.on_cancel, Op.WAIT: self.on_wait,
+                         Op.HOLD: self.on_hold, Op.RELEASE: self.on_hold}
         queue.on_retired = self.job_ended
 
     def remember(self, job):
@@ -144,7 +145,8 @@ class CliApi:
             time_limit=msg.get("time_limit", cfg.default_time),
             retries=msg.get("retries", cfg.default_retries),
             submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
-            script=msg.get("script", ""),
+            script=msg.get("script", ""), held=msg.get("hold", False),
+            reason=PendingReason.HELD if msg.get("hold", False) else "",
         )
         job.seal = self.sealer.seal(job)
         why = placement.never_fits(job, self.nodes.capacity())
@@ -246,6 +248,13 @@ class CliApi:
         results = [self.queue.cancel(job_id, caller.uid, who) for job_id in msg.job_ids]
         # Answered once the cancellations are recorded: a cancelled job never comes back.
         self.out.writer.barrier(lambda error, _: self.answer(caller, msg, Cancelled(results=results)))
+
+    def on_hold(self, caller, msg):
+        """cmctl hold or release: answered once recorded, so a head restart keeps it."""
+        self.begin(caller, msg)
+        held = msg.OP == Op.HOLD
+        results = [self.queue.hold(job_id, caller.uid, held) for job_id in msg.job_ids]
+        self.out.writer.barrier(lambda error, _: self.answer(caller, msg, Changed(results=results)))
 
     def on_wait(self, caller, msg):
         job_id = msg.job_id

@@ -110,7 +110,8 @@ class JobQueue:
         self.triggers.clear()
         if not self.pending:
             return
-        placements, waiting = placement.place([self.jobs[i] for i in self.pending], self.nodes.free())
+        candidates = [self.jobs[i] for i in self.pending if not self.jobs[i].held]
+        placements, waiting = placement.place(candidates, self.nodes.free())
         for job, names in placements:
             self.start_job(job, names)
         if placements:
@@ -259,6 +260,24 @@ class JobQueue:
             if self.nodes[name].state == NodeState.UP:
                 self.out.send(name, messages.Kill(job=job.id, attempt=job.attempt, reason=why))
         return True
+
+    def hold(self, job_id, uid, held):
+        """Hold a pending job back from starting, or release it; returns its line of the reply."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            why = "already ended" if self.exists(job_id) else "no such job"
+            return {"job_id": job_id, "ok": False, "error": why}
+        if uid not in (0, job.uid):
+            return {"job_id": job_id, "ok": False, "error": f"permission denied: it belongs to {job.user}"}
+        if job.state != JobState.PENDING:
+            return {"job_id": job_id, "ok": False, "error": f"it is {job.state}: only a pending job is held"}
+        if job.held != held:
+            job.held = held
+            job.reason = PendingReason.HELD if held else ""
+            self.write_job(job, ("held", "reason"))
+            if not held:
+                self.triggers.add(f"job {job_id} released")
+        return {"job_id": job_id, "ok": True}
 
     def cancel(self, job_id, uid, who):
         """cmkill of one job by uid (whose name is who); returns its line of the reply."""
