@@ -19,6 +19,8 @@ from .vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 
 
 class CliError(Exception):
+    usage = False                         # the head said the request itself was wrong (exit 2)
+
     """The head said no, or could not be asked; the message is for the user."""
 
 
@@ -74,8 +76,10 @@ class Connection:
         except ValueError:
             raise CliError("the head's answer is not JSON") from None
         if not isinstance(reply, dict) or not reply.get("ok"):
-            raise CliError(reply.get("error", "the head refused without a reason") if isinstance(reply, dict)
-                           else "the head's answer is not an object")
+            error = CliError(reply.get("error", "the head refused without a reason") if isinstance(reply, dict)
+                             else "the head's answer is not an object")
+            error.usage = isinstance(reply, dict) and reply.get("usage") is True
+            raise error
         return reply
 
     def close(self):

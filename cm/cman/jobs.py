@@ -27,7 +27,7 @@ STORED_FIELDS = (
     "nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "retries",
     "submit_time", "start_time", "end_time", "state", "reason",
     "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate", "seal",
-    "script", "held",
+    "script", "held", "dependency", "kill_on_invalid_dep",
 )
 
 
@@ -50,6 +50,8 @@ class Job:
         self.seal = None               # the head's seal on who runs what (seal.py)
         self.script = ""               # a batch script's text, copied at submission ("": none)
         self.held = False              # a pending job its owner or root holds back
+        self.dependency = None         # what it waits for (depend.py's stored form), or None
+        self.kill_on_invalid_dep = False   # cancelled, not left waiting, if that can never happen
         self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
         self.__dict__.update(fields)   # cancel asked before a head restart still ends it after
         self.launched = self.state == JobState.RUNNING   # a job stored RUNNING was launched

@@ -279,9 +279,10 @@ class Submit(Message):
         "nodes": Int(1, 100000), "procs_per_node": Int(1, 100000), "cpus_per_proc": Int(1, 100000),
         "mem_mb": Int(0, 2**40), "time_limit": Int(0, 10**9), "name": Str(256),
         "retries": Int(0, 1000), "wait": Bool(), "script": Str(MAX_SCRIPT), "hold": Bool(),
+        "dependency": Str(20000), "kill_on_invalid_dep": Bool(),
     }
     OPTIONAL = ("nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "name", "retries", "wait",
-                "script", "hold")
+                "script", "hold", "dependency", "kill_on_invalid_dep")
 
 
 class Info(Message):
@@ -363,6 +364,13 @@ class Refused(Reply):
     """The request was not carried out; the error is one line for the user."""
     OK = False
     FIELDS = ("error",)
+
+
+class Invalid(Reply):
+    """The request names something that does not exist (a dependency on an unknown job): a
+    usage error, which the CLI reports as one (exit 2). usage is always true."""
+    OK = False
+    FIELDS = ("error", "usage")
 
 
 COMPUTE_TO_HEAD = {m.OP: m for m in (Register, Heartbeat, TaskEnded)}

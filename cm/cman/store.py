@@ -74,6 +74,8 @@ class JobDoc(me.EmbeddedDocument):
     seal = me.StringField()                                # the head's HMAC of who runs what (seal.py)
     script = me.StringField(default="")                    # a batch script's text ("": none)
     held = me.BooleanField(default=False)                  # held back from starting (cmctl hold)
+    dependency = me.DictField(null=True)                   # what it waits for (depend.py)
+    kill_on_invalid_dep = me.BooleanField(default=False)
 
 
 def check_job(fields):

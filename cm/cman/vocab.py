@@ -52,6 +52,8 @@ class PendingReason:
     PRIORITY = "Priority"        # waits behind an earlier job (jobs start in order)
     REQUEUED = "Requeued"        # its node was lost; it waits to run again
     HELD = "JobHeldUser"         # held by its owner or root (cmrun --hold, cmctl hold) until released
+    DEPENDENCY = "Dependency"    # waits for the jobs it depends on (cmrun -d)
+    NEVER = "DependencyNeverSatisfied"   # what it depends on can no longer happen; it waits for cmkill
 
 
 class EndCause:

@@ -65,7 +65,7 @@ def job_lines(jobs):
         else:
             where = ",".join(j["node_list"])
             if j["reason"] and j["state"] not in ("RUNNING", "COMPLETED"):
-                where += f" ({j['reason']})"
+                where = f"{where} ({j['reason']})".strip()
         exit_code = "-" if j["state"] in ("PENDING", "RUNNING") else f"{j['exit_code']}:{j['exit_signal'] or 0}"
         rows.append((j["id"], j["user"], j["name"][:20], j["state"], j["nodes"], j["ntasks"],
                      units.format_duration(j["elapsed"]), units.format_time_limit(j["time_limit"]),

@@ -55,6 +55,12 @@ def parser():
     p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its exit code")
     p.add_argument("--hold", action="store_true",
                    help="submit the job held: it starts only once released (cmctl release JOBID)")
+    p.add_argument("-d", "--dependency", metavar="DEP",
+                   help="start only after other jobs, as Slurm's: after:ID[:ID...], afterok:, afternotok:, "
+                        "afterany:, singleton; ',' for all, '?' for any (afterok:12,afterany:13)")
+    p.add_argument("--kill-on-invalid-dep", action="store_true",
+                   help="cancel the job if its dependency can never be satisfied (else it waits, "
+                        "DependencyNeverSatisfied, until cancelled)")
     return p
 
 
@@ -143,6 +149,15 @@ def job_request(args, settings):
         fields["script"] = script
     if args.hold:
         fields["hold"] = True
+    if args.dependency is not None:
+        from .. import depend
+        try:
+            depend.parse(args.dependency)
+        except depend.DependencyError as e:
+            raise UsageError(f"-d/--dependency: {e}") from None
+        fields["dependency"] = args.dependency
+    if args.kill_on_invalid_dep:
+        fields["kill_on_invalid_dep"] = True
     if args.wait:
         fields["wait"] = True
     return fields

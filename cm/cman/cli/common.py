@@ -146,7 +146,7 @@ def run(prog, main, parser, argv=None):
         status = Exit.UNREACHABLE
     except (CliError, ConfigError) as e:
         error(prog, str(e))
-        status = Exit.ERROR
+        status = Exit.USAGE if getattr(e, "usage", False) else Exit.ERROR
     except KeyboardInterrupt:
         status = 130
     except BrokenPipeError:

@@ -11,9 +11,9 @@ import logging
 import os
 import pwd
 
-from .. import messages, placement
+from .. import depend, messages, placement
 from ..jobs import Job
-from ..messages import BadMessage, Cancelled, Changed, InfoReply, JobEnded, Refused, Submitted
+from ..messages import BadMessage, Cancelled, Changed, InfoReply, Invalid, JobEnded, Refused, Submitted
 from ..vocab import MAX_MESSAGE_BYTES, JobState, Op, PendingReason
 
 log = logging.getLogger("cm.head")
@@ -134,6 +134,18 @@ class CliApi:
             self.out.reply(caller, Refused(error=NOT_ACCEPTED))
             return
         cfg = self.cfg
+        dependency = None
+        if msg.get("dependency"):
+            try:
+                dependency = depend.parse(msg.dependency)
+            except depend.DependencyError as e:
+                self.out.reply(caller, Invalid(error=f"-d/--dependency: {e}", usage=True))
+                return
+            unknown = [t["job"] for t in dependency["terms"] if not self.queue.exists(t["job"])]
+            if unknown:
+                self.out.reply(caller, Invalid(error=f"-d/--dependency: no job {unknown[0]}", usage=True))
+                return
+        held = msg.get("hold", False)
         job = Job(
             id=None, name=msg.get("name", os.path.basename(msg.argv[0])),
             user=user_name(caller.uid), uid=caller.uid, gid=caller.gid,
@@ -145,8 +157,9 @@ class CliApi:
             time_limit=msg.get("time_limit", cfg.default_time),
             retries=msg.get("retries", cfg.default_retries),
             submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
-            script=msg.get("script", ""), held=msg.get("hold", False),
-            reason=PendingReason.HELD if msg.get("hold", False) else "",
+            script=msg.get("script", ""), held=held, dependency=dependency,
+            kill_on_invalid_dep=msg.get("kill_on_invalid_dep", False),
+            reason=PendingReason.HELD if held else PendingReason.DEPENDENCY if dependency else "",
         )
         job.seal = self.sealer.seal(job)
         why = placement.never_fits(job, self.nodes.capacity())

@@ -19,6 +19,7 @@ import bisect
 import collections
 import logging
 
+from .. import depend
 from .. import jobs as lifecycle
 from .. import messages, placement, units
 from ..vocab import EndCause, JobState, NodeState, PendingReason
@@ -41,6 +42,7 @@ class JobQueue:
         self.ended = collections.OrderedDict()   # id -> Job, the latest ended ones
         self.triggers = set()            # why the next placement pass runs
         self.active_by_uid = collections.Counter()   # uid -> its pending and running jobs
+        self.dependents = collections.defaultdict(set)   # job id -> pending jobs that depend on it
         self.on_retired = lambda job: None   # the CLI API tells those who wait for it
 
     def get(self, job_id):
@@ -60,6 +62,8 @@ class JobQueue:
         if job.state == JobState.PENDING:
             bisect.insort(self.pending, job.id)
             self.triggers.add("submit")
+            if job.dependency:
+                self.watch_dependencies(job)
         else:
             for name in job.outstanding:
                 self.allocate(job, name)
@@ -69,6 +73,7 @@ class JobQueue:
         self.out.writer.end_job(job.stored())
         if self.jobs.pop(job.id, None) is not None:
             self.active_by_uid[job.uid] -= 1
+        self.dependency_changed(job)
         self.remember_ended(job)
         self.on_retired(job)
         log.info("job %d %s, exit code %d%s", job.id, job.state, job.exit_code,
@@ -110,7 +115,7 @@ class JobQueue:
         self.triggers.clear()
         if not self.pending:
             return
-        candidates = [self.jobs[i] for i in self.pending if not self.jobs[i].held]
+        candidates = self.ready_to_place()
         placements, waiting = placement.place(candidates, self.nodes.free())
         for job, names in placements:
             self.start_job(job, names)
@@ -123,11 +128,103 @@ class JobQueue:
                 job.reason = reason       # shown by cminfo; not worth a database write
         log.debug("placement pass (%s): %d started, %d waiting", why, len(placements), len(self.pending))
 
+    def ready_to_place(self):
+        """The pending jobs placement may start: not held, their dependencies met (each other
+        one's reason says why it waits); a job whose dependency can never be met and that
+        asked for it (--kill-on-invalid-dep) is cancelled."""
+        ready, invalid = [], []
+        singletons = None
+        for job_id in self.pending:
+            job = self.jobs[job_id]
+            if job.held:
+                continue
+            if job.dependency:
+                status = depend.status(job.dependency)
+                if status == depend.NEVER:
+                    if job.kill_on_invalid_dep:
+                        invalid.append(job)
+                    job.reason = PendingReason.NEVER
+                    continue
+                if status == depend.WAIT:
+                    job.reason = PendingReason.DEPENDENCY
+                    continue
+                if job.dependency["singleton"]:
+                    if singletons is None:    # one of a user's jobs of one name runs at a time
+                        singletons = {(j.uid, j.name) for j in self.jobs.values() if j.state == JobState.RUNNING}
+                    if (job.uid, job.name) in singletons:
+                        job.reason = PendingReason.DEPENDENCY
+                        continue
+                    singletons.add((job.uid, job.name))
+            ready.append(job)
+        for job in invalid:
+            self.pending.remove(job.id)
+            lifecycle.transition(job, JobState.CANCELLED, self.wall(),
+                                 reason="its dependency can never be satisfied (--kill-on-invalid-dep)")
+            self.retire(job)
+        return ready
+
+    # ---- dependencies ----
+
+    def known_state(self, job_id):
+        job = self.jobs.get(job_id) or self.ended.get(job_id)
+        return job.state if job is not None else None
+
+    def watch_dependencies(self, job):
+        """Follow the jobs a pending job depends on; those the head no longer holds in memory
+        are looked up in the history (their end, once known, is kept with the job)."""
+        unknown = []
+        for term in job.dependency["terms"]:
+            if term["state"] not in JobState.FINAL:
+                term["state"] = self.known_state(term["job"]) or term["state"]
+            if term["state"] not in JobState.FINAL:
+                self.dependents[term["job"]].add(job.id)
+                if term["state"] is None:
+                    unknown.append(term["job"])
+        if unknown:
+            ids = sorted(set(unknown))
+            self.out.writer.read("find_history", (ids,),
+                                 lambda error, stored: self.dependencies_found(job.id, ids, error, stored))
+
+    def dependencies_found(self, job_id, ids, error, stored):
+        job = self.jobs.get(job_id)
+        if job is None or job.state != JobState.PENDING:
+            return
+        if error is not None:
+            log.error("job %d: cannot read the jobs it depends on (%s); it waits", job_id, error)
+            return
+        states = {f["id"]: f["state"] for f in stored or ()}
+        for term in job.dependency["terms"]:
+            if term["state"] is None and term["job"] in ids:
+                # A job the history lacks never ran (its insert failed): as if cancelled.
+                term["state"] = states.get(term["job"], JobState.CANCELLED)
+        self.write_job(job, ("dependency",))
+        self.triggers.add(f"job {job_id}'s dependencies found")
+
+    def dependency_changed(self, dep):
+        """A job others depend on started or ended: they learn its state (its end is recorded
+        with them, so that it is known after a restart however long ago it was)."""
+        waiting = self.dependents.get(dep.id)
+        if not waiting:
+            return
+        for job_id in sorted(waiting):
+            job = self.jobs.get(job_id)
+            if job is None or job.state != JobState.PENDING:
+                continue
+            for term in job.dependency["terms"]:
+                if term["job"] == dep.id:
+                    term["state"] = dep.state
+            if dep.state in JobState.FINAL:
+                self.write_job(job, ("dependency",))
+        if dep.state in JobState.FINAL:
+            del self.dependents[dep.id]
+        self.triggers.add(f"job {dep.id} {dep.state}")
+
     def start_job(self, job, names):
         job.node_list = names
         # PENDING -> RUNNING: resources taken now; the tasks start once this is recorded,
         # so that a head restarting in between never runs the job twice.
         changed = lifecycle.transition(job, JobState.RUNNING, self.wall())
+        self.dependency_changed(job)
         job.launched = False
         for name in names:
             self.allocate(job, name)
