@@ -122,12 +122,14 @@ def fake_v2(root):
 def test_cgroup_v2_through_the_same_code_with_its_files_faked(request, tmp_path):
     root = str(tmp_path / "cgroup2")
     fake_v2(root)
-    cluster = make_cluster(request, nodes=1, env={"CM_CGROUP_ROOT": root})
+    prefix = f"cm/fake-{os.getpid()}"
+    os.makedirs(os.path.join(root, prefix, "node1"))   # as the kernel would, with its files
+    open(os.path.join(root, prefix, "node1", "cgroup.procs"), "w").close()
+    cluster = make_cluster(request, nodes=1, env={"CM_CGROUP_ROOT": root, "CM_CGROUP_PREFIX": prefix})
     workdir = str(tmp_path / "work")
     os.makedirs(workdir)
     assert cluster.info("--nodes")["nodes"][0]["containment"] == "cgroup v2"
     # The controllers are handed down to the node's job cgroups.
-    prefix = cluster.process("node1")["cm_env"]["CM_CGROUP_PREFIX"]
     base = os.path.join(root, prefix, "node1")
     for directory in (root, os.path.dirname(base), base):
         assert open(os.path.join(directory, "cgroup.subtree_control")).read().split() == ["+memory", "+cpu", "+pids"]

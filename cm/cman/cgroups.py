@@ -187,8 +187,9 @@ class CgroupV1:
             raise ContainmentError(f"{root} has no cgroup v1 memory or pids hierarchy")
         for base in self.bases.values():
             os.makedirs(base, exist_ok=True)
+            _require_cgroup(base)
         if mem_mb and "memory" in self.bases:    # the node's jobs together: no more than it offers
-            _write(os.path.join(self.bases["memory"], "memory.limit_in_bytes"), str(mem_mb << 20))
+            _limit(os.path.join(self.bases["memory"], "memory.limit_in_bytes"), str(mem_mb << 20))
         self.name = "cgroup v1"
         self.controllers = sorted(self.bases)
 
@@ -233,6 +234,7 @@ class CgroupV2:
         self.controllers = [c for c in ("memory", "cpu", "pids") if c in available]
         self.base = os.path.join(root, prefix, node)
         os.makedirs(self.base, exist_ok=True)
+        _require_cgroup(self.base)
         enable = " ".join("+" + c for c in self.controllers)
         directory = root
         for part in [*prefix.split("/"), node]:
@@ -242,7 +244,7 @@ class CgroupV2:
         if enable:
             _write(os.path.join(directory, "cgroup.subtree_control"), enable)
         if mem_mb and "memory" in self.controllers:   # the node's jobs together: no more than it offers
-            _write(os.path.join(self.base, "memory.max"), str(mem_mb << 20))
+            _limit(os.path.join(self.base, "memory.max"), str(mem_mb << 20))
         self.name = "cgroup v2"
 
     def job_group(self, job, attempt, cpus, mem_mb):
@@ -261,6 +263,21 @@ class CgroupV2:
 
     def close(self):
         _remove_up_to(self.base, self.root)
+
+
+def _require_cgroup(directory):
+    """A directory made under cgroup_root is a cgroup only if the kernel gave it its files; a
+    plain directory (a mount that is missing, a path that is wrong) contains nothing."""
+    if not os.path.isfile(os.path.join(directory, "cgroup.procs")):
+        raise ContainmentError(f"{directory} is not a cgroup (it has no cgroup.procs)")
+
+
+def _limit(path, value):
+    """Set a node-wide limit; one that cannot be set (its jobs use more already) is a warning."""
+    try:
+        _write(path, value)
+    except OSError as e:
+        log.warning("cannot set %s to %s: %s", path, value, e.strerror)
 
 
 def _remove_up_to(directory, top):

@@ -90,12 +90,11 @@ class CliServer:
         """Connections the CLI may hold: the descriptors there are (the soft limit raised to
         the hard one), less a quarter, at least SPARE_FDS, for the nodes, the database and
         the rest of the head."""
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or hard > MAX_FDS:
-            hard = MAX_FDS
+        soft, real_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hard = MAX_FDS if real_hard == resource.RLIM_INFINITY or real_hard > MAX_FDS else real_hard
         if soft == resource.RLIM_INFINITY or soft < hard:
             try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, real_hard))   # the hard limit stays
                 soft = hard
             except (ValueError, OSError):
                 pass

@@ -187,7 +187,7 @@ class Compute:
             self.runner.enforce(self.clock())
             self.collect_ended()
             for item, _ in self.poller.poll(100):
-                self.runner.on_report(item)
+                self.ignore_or_report(item)
         self.collect_ended()
         deadline = self.clock() + 2.0     # what ended last may take a moment to leave its cgroup
         while self.runner.unremoved and self.clock() < deadline:
@@ -204,7 +204,11 @@ class Compute:
 
     def run(self):
         while not self.stopping:
-            self.step()
+            try:
+                self.step()
+            except Exception:             # a bug must not take the node's tasks down with it
+                log.exception("error in node %s's loop; going on", self.name)
+                self.poller.poll(100)
 
     def step(self):
         now = self.clock()
@@ -279,15 +283,26 @@ class Compute:
         self.backoff = min(self.backoff * 2, self.cfg.reconnect_max)
         self.connect()
 
+    def ignore_or_report(self, item):
+        """While the node does not serve its head (stopping, pausing): a task's report pipe
+        is read, and the rest drained so that the poll does not spin."""
+        if item == self.signals.fd:
+            self.signals.drain()
+        elif item is self.socket:
+            while True:
+                try:
+                    self.socket.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        else:
+            self.runner.on_report(item)
+
     def sleep_awake(self, seconds):
         """Pause without missing task ends or a stop request."""
         deadline = self.clock() + seconds
         while not self.stopping and self.clock() < deadline:
             for item, _ in self.poller.poll(max(1, int((deadline - self.clock()) * 1000))):
-                if item == self.signals.fd:
-                    self.signals.drain()
-                else:
-                    self.runner.on_report(item)
+                self.ignore_or_report(item)
             self.collect_ended()
 
     def drain_head(self):

@@ -16,6 +16,7 @@ a cluster): a daemon refuses a secret that others may read. Nodes added to
 the store later are accepted by a running head (it reads nodes/ again when
 that directory changes).
 """
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ import zmq.auth
 from zmq.utils import z85
 
 from .config import ConfigError
+
+log = logging.getLogger("cm.keys")
 
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -131,14 +134,27 @@ class NodeKeys:
         self.keys = {}                    # node name -> its z85 public key
 
     def _version(self):
+        """What identifies the directory's contents: each plain file's name, inode, time and
+        size (links and the rest are no keys); None if it cannot be listed."""
         try:
-            return tuple((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size)
-                         for e in sorted(os.scandir(self.directory), key=lambda e: e.name))
+            entries = sorted(os.scandir(self.directory), key=lambda e: e.name)
         except OSError:
             return None
+        version = []
+        for e in entries:
+            try:
+                if e.is_file(follow_symlinks=False):
+                    info = e.stat(follow_symlinks=False)
+                    version.append((e.name, info.st_ino, info.st_mtime_ns, info.st_size))
+            except OSError:
+                continue                  # gone meanwhile (a key being replaced)
+        return tuple(version)
 
     def refresh(self):
         version = self._version()
+        if version is None:               # unreadable for now: the keys known stay
+            log.warning("cannot list %s; keeping the node keys known", self.directory)
+            return
         if version == self.version:
             return
         names = {}

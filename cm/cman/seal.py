@@ -14,10 +14,17 @@ import hmac
 import json
 import os
 
-# What a seal covers: all a job's record holds that decides as whom and how it runs.
-SEALED_FIELDS = ("uid", "gid", "user", "argv", "workdir", "env", "nodes", "procs_per_node",
-                 "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id", "script")
-CONTEXT = b"cm job seal 1"
+# What a seal covers: all a job's record holds that decides as whom and how it runs, by
+# version of the seal ("2:<hmac>"; version 1, a bare HMAC, had no script). New seals are the
+# latest version; an older one still verifies where the fields it lacks are empty.
+SEALED_FIELDS = {
+    1: ("uid", "gid", "user", "argv", "workdir", "env", "nodes", "procs_per_node",
+        "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id"),
+    2: ("uid", "gid", "user", "argv", "workdir", "env", "nodes", "procs_per_node",
+        "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id", "script"),
+}
+LATEST = 2
+CONTEXT = b"cm job seal 1"                # of the key (derived once, for every version)
 
 
 class Sealer:
@@ -33,14 +40,24 @@ class Sealer:
         _, secret = zmq.auth.load_certificate(os.path.join(keys_dir, "head.key_secret"))
         return cls(hmac.new(secret, CONTEXT, hashlib.sha256).digest())
 
-    def seal(self, job):
+    def seal(self, job, version=LATEST):
         if self.key is None:
             return None
-        text = json.dumps([getattr(job, f) for f in SEALED_FIELDS], ensure_ascii=False, separators=(",", ":"))
-        return hmac.new(self.key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+        fields = SEALED_FIELDS[version]
+        text = json.dumps([getattr(job, f) for f in fields], ensure_ascii=False, separators=(",", ":"))
+        digest = hmac.new(self.key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+        return digest if version == 1 else f"{version}:{digest}"
 
     def verify(self, job):
         """Whether the job's record is as the head sealed it."""
         if self.key is None:
             return True
-        return isinstance(job.seal, str) and hmac.compare_digest(job.seal, self.seal(job))
+        if not isinstance(job.seal, str):
+            return False
+        version, sep, _ = job.seal.partition(":")
+        version = int(version) if sep and version.isdigit() else 1
+        if version not in SEALED_FIELDS:
+            return False
+        if version == 1 and getattr(job, "script", ""):
+            return False                  # a version-1 seal never covered a script
+        return hmac.compare_digest(job.seal, self.seal(job, version))

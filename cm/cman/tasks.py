@@ -58,6 +58,10 @@ log = logging.getLogger("cm.tasks")
 MAX_FD = 1 << 20
 # Seconds a task may take from its fork to its exec before it is killed as unable to start.
 START_TIMEOUT = 30.0
+# The signals the daemon handles: blocked across a fork, so that the child never runs a handler.
+DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
+# Seconds a user's groups are kept (looked up in the name service, which may be slow or down).
+GROUPS_TTL = 300.0
 
 
 class Task:
@@ -115,12 +119,29 @@ class TaskChild:
         path = f"{directory}/script"
         partial = f"{directory}/.script.{self.rank}.{os.getpid()}"
         try:
+            try:                          # a copy another rank (or attempt) made: the same text
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and \
+                        info.st_size == len(self.spec.script.encode()):
+                    return path
+            except FileNotFoundError:
+                pass
+            try:
+                os.unlink(partial)        # left by a killed earlier attempt of the same pid
+            except FileNotFoundError:
+                pass
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
             data = self.spec.script.encode()
             while data:
                 data = data[os.write(fd, data):]
             os.close(fd)
-            os.rename(partial, path)
+            try:
+                os.link(partial, path)    # never over a copy another rank may be executing
+            except FileExistsError:
+                info = os.lstat(path)
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                    self.fail(1, f"{self.spec.workdir}/{path} is not a plain file of uid {os.geteuid()}'s")
+            os.unlink(partial)
         except OSError as e:
             self.fail(1, f"cannot write the job's script under {self.spec.workdir}/{directory}: {e.strerror}")
         return path                       # relative to the working directory, where we are
@@ -140,13 +161,19 @@ class TaskChild:
         os.write(self.report_fd, f"{code}\t{message}".encode(errors="replace")[:4000])
         os._exit(code)
 
-    def start(self):
-        """In the forked child: a session of its own, the usual umask and signals, no stdin."""
+    def start(self, parent):
+        """In the forked child: a session of its own, the usual umask and signals, no stdin.
+        The daemon's signals were blocked across the fork: here they get their default
+        actions (a SIGTERM before the exec ends the child, as it would the task), and only
+        then are they let through."""
         try:
+            signal.set_wakeup_fd(-1)      # the daemon's wake-up pipe is not ours to write
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ, *DAEMON_SIGNALS):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
+            self.parent = parent
             os.setsid()
             os.umask(0o022)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ):     # Python ignores them; the task must not
-                signal.signal(sig, signal.SIG_DFL)
             null = os.open("/dev/null", os.O_RDONLY)
             os.dup2(null, 0)
             self.run()
@@ -171,6 +198,8 @@ class TaskChild:
             except OSError as e:
                 self.fail(1, f"cannot become uid {uid}: {e.strerror}")
         _die_with_daemon()                # after the switch of user, which would clear it
+        if os.getppid() != self.parent:   # the daemon died before that: no one reports this task
+            os._exit(1)
         spec = self.spec
         try:
             os.chdir(spec.workdir)
@@ -227,6 +256,7 @@ class Runner:
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
         self.watch = watch
         self.starting = {}                # report fd -> a task not yet at its exec
+        self.group_cache = {}             # (uid, gid) -> (until when, the user's groups)
         self.containment = containment or ProcessGroups()
         self.tasks = {}                   # key -> Task
         self.by_pid = {}                  # pid -> Task
@@ -316,17 +346,24 @@ class Runner:
         if self.as_root and spec.uid != 0:
             identity = (spec.uid, spec.gid, self._groups(spec))
         group = self.groups.get(key[:2])
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as e:
+            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror}")
         child = TaskChild(spec, rank, task_env(spec, rank, local_rank, self.node_name), report_w,
                           identity, group.join_files() if group else ())
+        parent = os.getpid()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
         try:
             pid = os.fork()
         except OSError as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(report_r)
             os.close(report_w)
             return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror}")
         if pid == 0:
-            child.start()                 # never returns
+            child.start(parent)           # never returns
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(report_w)
         os.set_blocking(report_r, False)
         task = Task(key, pid, self.clock(), spec.time_limit, fence=spec.may_requeue, report_fd=report_r)
@@ -359,10 +396,19 @@ class Runner:
             task.report_fd = None
 
     def _groups(self, spec):
+        """The user's groups, kept GROUPS_TTL: the name service may be slow, and the loop waits."""
+        now = self.clock()
+        cached = self.group_cache.get((spec.uid, spec.gid))
+        if cached and now < cached[0]:
+            return cached[1]
         try:
-            return os.getgrouplist(pwd.getpwuid(spec.uid).pw_name, spec.gid)
+            groups = os.getgrouplist(pwd.getpwuid(spec.uid).pw_name, spec.gid)
         except KeyError:
-            return [spec.gid]             # a uid unknown here: its primary group only
+            groups = [spec.gid]           # a uid unknown here: its primary group only
+        if len(self.group_cache) > 10000:
+            self.group_cache.clear()
+        self.group_cache[(spec.uid, spec.gid)] = (now + GROUPS_TTL, groups)
+        return groups
 
 
     # ---- stop ----
@@ -388,7 +434,7 @@ class Runner:
         return len(fenced)
 
     def _stop(self, task, cause, now, message="", at_once=False):
-        if task.stop_cause is None or (at_once and task.kill_at > now):
+        if task.stop_cause is None or (at_once and task.kill_at is not None and task.kill_at > now):
             task.stop_cause, task.stop_message = cause, message
             task.kill_at = now if at_once else now + self.kill_grace
             self._signal_task(task, signal.SIGKILL if at_once else signal.SIGTERM)
@@ -431,6 +477,8 @@ class Runner:
         """Time limits and SIGKILL escalation; returns the next moment this must run again."""
         upcoming = []
         for task in self.tasks.values():
+            if task.report_fd is not None and now >= task.start_deadline:
+                self._read_report(task)           # it may have reached its exec just now
             if task.report_fd is not None:
                 if now >= task.start_deadline and task.stop_cause is None:
                     log.warning("job %d rank %d did not reach its exec in %gs; killed", task.key[0], task.key[2],
@@ -484,12 +532,12 @@ class Runner:
             self._signal_task(task, signal.SIGKILL, whole_job=False)
             exit_code, sig = (code, None) if code >= 0 else (None, -code)
             cause = task.stop_cause or EndCause.EXITED
-            if task.report:                   # it never reached its exec
+            if task.report and task.stop_cause in (None, EndCause.LAUNCH_FAILED):   # it never reached its exec
                 text, _, message = task.report.decode(errors="replace").partition("\t")
                 cause, task.stop_message = EndCause.LAUNCH_FAILED, message
                 exit_code = int(text) if text.isdigit() else 1
             elif task.stop_cause == EndCause.LAUNCH_FAILED:
-                exit_code = 1
+                exit_code, sig = 1, None
             group = self.groups.get(task.key[:2])
             if cause == EndCause.EXITED and group is not None and group.out_of_memory():
                 cause = EndCause.OUT_OF_MEMORY
