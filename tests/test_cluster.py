@@ -5,6 +5,7 @@ import pwd
 import signal
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -321,3 +322,44 @@ def test_a_working_directory_is_entered_as_the_user(cluster, workdir):
     proc = run_as_nobody("cmrun", "--wait", "-D", "/etc", "true", cwd="/tmp")
     assert "cannot write logs under /etc/cmlogs: Permission denied" in cluster.job(int(proc.stdout))["reason"]
     assert not os.path.exists("/etc/cmlogs")
+
+
+def interrupt_until(proc, line, stderr_lines, timeout=15):
+    """SIGINT a waiting cmrun, and read its stderr until a line containing `line`."""
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = proc.stderr.readline()
+        stderr_lines.append(got)
+        if line in got:
+            return got
+    raise AssertionError(f"cmrun never said {line!r}: {stderr_lines}")
+
+
+def test_ctrl_c_shows_the_state_and_a_second_within_a_second_cancels(cluster, workdir):
+    proc = subprocess.Popen([os.path.join(BIN, "cmrun"), "--wait", "sleep", "300"], cwd=workdir, env=cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = int(proc.stdout.readline())
+    cluster.wait_state(job, "RUNNING")
+    lines = []
+    shown = interrupt_until(proc, f"cmrun: job {job} is RUNNING on node", lines)
+    assert "Ctrl-C again within 1 s cancels it" in shown
+    assert cluster.job(job)["state"] == "RUNNING"          # the first only shows
+    proc.send_signal(signal.SIGINT)                       # the second, at once: cancel
+    out, err = proc.communicate(timeout=30)
+    assert f"cmrun: cancelling job {job}" in err
+    assert cluster.job(job)["state"] == "CANCELLED"
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+def test_ctrl_c_with_detach_on_interrupt_leaves_the_job_running(cluster, workdir):
+    proc = subprocess.Popen([os.path.join(BIN, "cmrun"), "--wait", "--detach-on-interrupt", "sleep", "300"],
+                            cwd=workdir, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = int(proc.stdout.readline())
+    cluster.wait_state(job, "RUNNING")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT and f"job {job} goes on" in err
+    assert cluster.job(job)["state"] == "RUNNING"
+    cluster.ok("cmkill", str(job))
+    cluster.wait_state(job, "CANCELLED")

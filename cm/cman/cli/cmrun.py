@@ -18,7 +18,7 @@ import os
 import sys
 
 from .. import config, units
-from ..client import CliError, Unreachable, open_request, wait_for_end
+from ..client import CliError, Unreachable, open_request, request, wait_for_end
 from ..vocab import Exit, JobState, Op
 from .common import Parser, UsageError, configured, converted, run, whole_number
 
@@ -53,6 +53,9 @@ def parser():
     p.add_argument("-J", "--name", help="job name (default: the command's name)")
     p.add_argument("-D", "--chdir", help="working directory of the tasks, where cmlogs/ goes (default: here)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its exit code")
+    p.add_argument("--detach-on-interrupt", action="store_true",
+                   help="with --wait: Ctrl-C stops waiting and leaves the job running (else the first Ctrl-C "
+                        "shows the job's state and a second within a second cancels it, as srun does)")
     p.add_argument("--hold", action="store_true",
                    help="submit the job held: it starts only once released (cmctl release JOBID)")
     p.add_argument("-d", "--dependency", metavar="DEP",
@@ -181,6 +184,38 @@ def exit_status(job):
     return 0 if job["state"] == JobState.COMPLETED else Exit.ERROR
 
 
+# Seconds within which a second Ctrl-C cancels the job (srun's).
+SECOND_INTERRUPT = 1.0
+
+
+def wait_interruptibly(settings, conn, job_id, detach):
+    """The job's view once it has ended. Ctrl-C: with detach, None at once (the job goes on);
+    else the first shows the job's state and a second within SECOND_INTERRUPT cancels it,
+    and the wait goes on until it has ended."""
+    import time
+    last_interrupt = None
+    while True:
+        try:
+            try:
+                return conn.receive(timeout=None)["job"]
+            except Unreachable:           # the head restarted while the job ran: ask the new one
+                return wait_for_end(settings, job_id)
+        except KeyboardInterrupt:
+            if detach:
+                return None
+            now = time.monotonic()
+            if last_interrupt is not None and now - last_interrupt <= SECOND_INTERRUPT:
+                request(settings, Op.CANCEL, job_ids=[job_id])
+                print(f"cmrun: cancelling job {job_id}", file=sys.stderr, flush=True)
+                last_interrupt = None
+                continue
+            last_interrupt = now
+            job = request(settings, Op.INFO, jobs=True, job_ids=[job_id])["jobs"][0]
+            where = f" on {','.join(job['node_list'])}" if job["node_list"] else ""
+            print(f"cmrun: job {job_id} is {job['state']}{where} (Ctrl-C again within "
+                  f"{SECOND_INTERRUPT:g} s cancels it)", file=sys.stderr, flush=True)
+
+
 def main(args):
     settings = config.load()
     fields = job_request(args, settings)
@@ -190,12 +225,8 @@ def main(args):
         print(job_id, flush=True)
         if not args.wait:
             return Exit.OK
-        try:
-            try:
-                job = conn.receive(timeout=None)["job"]
-            except Unreachable:           # the head restarted while the job ran: ask the new one
-                job = wait_for_end(settings, job_id)
-        except KeyboardInterrupt:
+        job = wait_interruptibly(settings, conn, job_id, args.detach_on_interrupt)
+        if job is None:
             import signal                 # here only: its import costs every cmrun a few ms
             print(f"cmrun: stopped waiting; job {job_id} goes on (cmkill {job_id} stops it)", file=sys.stderr)
             return 128 + signal.SIGINT
