@@ -8,8 +8,8 @@ others are still handled.
 """
 from .. import config
 from ..client import request
-from ..vocab import Exit, Op
-from .common import Parser, UsageError, error, run
+from ..vocab import Op
+from .common import Parser, each_job_reported, job_ids, run
 
 ACTIONS = {"hold": Op.HOLD, "release": Op.RELEASE}
 
@@ -22,18 +22,8 @@ def parser():
 
 
 def main(args):
-    ids = []
-    for text in args.job_ids:
-        if not text.isdigit() or not text.isascii():
-            raise UsageError(f"{text!r} is not a job id")
-        ids.append(int(text))
-    reply = request(config.load(), ACTIONS[args.action], job_ids=ids)
-    status = Exit.OK
-    for result in reply["results"]:
-        if not result["ok"]:
-            error("cmctl", f"job {result['job_id']}: {result['error']}")
-            status = Exit.ERROR
-    return status
+    reply = request(config.load(), ACTIONS[args.action], job_ids=job_ids(args.job_ids))
+    return each_job_reported("cmctl", reply)
 
 
 def cli():

@@ -129,6 +129,27 @@ def error(prog, message):
     print(f"{prog}: error: {message}", file=sys.stderr)
 
 
+def job_ids(texts):
+    """Job ids as typed (cmkill 7 8, cmctl hold 7); UsageError naming one that is not."""
+    ids = []
+    for text in texts:
+        if not text.isdigit() or not text.isascii():
+            raise UsageError(f"{text!r} is not a job id")
+        ids.append(int(text))
+    return ids
+
+
+def each_job_reported(prog, reply):
+    """One line per job the head could not act on; the exit status (the others were done)."""
+    from ..vocab import Exit
+    status = Exit.OK
+    for result in reply["results"]:
+        if not result["ok"]:
+            error(prog, f"job {result['job_id']}: {result['error']}")
+            status = Exit.ERROR
+    return status
+
+
 def run(prog, main, parser, argv=None):
     """Parse argv with parser(), call main(args) and exit with its status;
     every failure becomes one line."""
