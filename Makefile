@@ -47,7 +47,7 @@ DB_URL       = $(if $(filter mongo,$(DB_KIND)),mongodb://cm@db:27017/cm?authSour
 all: up ## Start the container cluster (NODES compute nodes, default 3) and show it
 
 up: images keys ## The same as `make`
-	@mkdir -p $(CM_DRIVE)/home $(CM_DRIVE)/db/$(DB_KIND)
+	@mkdir -p $(CM_DRIVE)/home $(CM_DRIVE)/etc $(CM_DRIVE)/db/$(DB_KIND)
 	@test -e $(CM_DRIVE)/etc/users || printf '%s\n' \
 	  '# The cluster'"'"'s users, one "name:uid:gid" a line, created identically on every' \
 	  '# node when it starts. `make exec-head` adds you if you are missing.' > $(CM_DRIVE)/etc/users

@@ -56,6 +56,7 @@ class ContainerCluster(JobViews):
         for net in self.docker.networks.list(filters={"label": f"com.docker.compose.project={self.project}"}):
             net.remove()
         shutil.rmtree(self.drive, ignore_errors=True)
+        remove_cgroups(self.project)
 
     def containers(self, service=None):
         labels = [f"com.docker.compose.project={self.project}"]
@@ -87,6 +88,11 @@ class ContainerCluster(JobViews):
 
     def home(self, *parts):
         return os.path.join(self.drive, "home", USER, *parts)
+
+def remove_cgroups(project):
+    """The compute nodes' cgroup subtrees on this host, empty once their containers are gone."""
+    from cman.cgroups import remove_tree
+    remove_tree("/sys/fs/cgroup", f"cm/{project}")
 
 
 def free_port():

@@ -82,6 +82,8 @@ def fresh_host(request):
         for net in client.networks.list(filters={"label": f"com.docker.compose.project={project}"}):
             net.remove()
         shutil.rmtree(checkout, ignore_errors=True)
+        from cman.cgroups import remove_tree
+        remove_tree("/sys/fs/cgroup", f"cm/{project}")   # the nodes' cgroups on this host
     request.addfinalizer(remove)
     return host, checkout
 
