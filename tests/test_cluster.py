@@ -363,3 +363,29 @@ def test_ctrl_c_with_detach_on_interrupt_leaves_the_job_running(cluster, workdir
     assert cluster.job(job)["state"] == "RUNNING"
     cluster.ok("cmkill", str(job))
     cluster.wait_state(job, "CANCELLED")
+
+
+def test_wait_shows_every_ranks_output_live_with_labels(cluster, workdir):
+    gate = os.path.join(workdir, "go")
+    script = f'echo "one"; echo "oops" >&2; while [ ! -e {gate} ]; do sleep 0.05; done; printf "two\\nlast"'
+    proc = subprocess.Popen([os.path.join(BIN, "cmrun"), "--wait", "--stream", "-l", "-n", "2", "--", "sh", "-c",
+                             script], cwd=workdir, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    job = int(proc.stdout.readline())
+    early = sorted(proc.stdout.readline() for _ in range(2))   # while the job still runs
+    assert early == ["0: one\n", "1: one\n"]
+    assert cluster.job(job)["state"] == "RUNNING"
+    open(gate, "w").close()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert sorted(out.splitlines()) == ["0: last", "0: two", "1: last", "1: two"]
+    assert sorted(err.splitlines()) == ["0: oops", "1: oops"]
+    with open(os.path.join(workdir, "cmlogs", str(job), "1.out")) as f:
+        assert f.read() == "one\ntwo\nlast"                  # the logs are written all the same
+
+
+def test_wait_without_a_terminal_prints_the_id_alone(cluster, workdir):
+    out = cluster.ok("cmrun", "--wait", "echo", "hello", cwd=workdir)
+    assert out.strip().isdigit()
+    out = cluster.ok("cmrun", "--wait", "--stream", "echo", "hello", cwd=workdir)
+    assert out.splitlines()[1:] == ["hello"]

@@ -54,6 +54,14 @@ class Connection:
         except OSError as e:
             raise Unreachable(f"lost the head at {self.path} while sending: {e.strerror or e}") from None
 
+    def ready(self, timeout):
+        """Whether a reply line is here, or arrives within timeout seconds."""
+        import select
+        if b"\n" in self.buffer:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(readable)
+
     def receive(self, timeout="default"):
         """The next reply line as a dict; raises CliError if it says ok: false."""
         self.sock.settimeout(self.timeout if timeout == "default" else timeout)

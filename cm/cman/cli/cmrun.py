@@ -14,6 +14,7 @@ after that is the command's own. Options left out take the cluster's
 defaults (default_nodes, ...), which cmrun reads from the settings and
 sends, so that --help can say what they are.
 """
+import argparse
 import os
 import sys
 
@@ -53,6 +54,11 @@ def parser():
     p.add_argument("-J", "--name", help="job name (default: the command's name)")
     p.add_argument("-D", "--chdir", help="working directory of the tasks, where cmlogs/ goes (default: here)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its exit code")
+    p.add_argument("-l", "--label", action="store_true",
+                   help="with --wait: start each line of the live output with its rank (3: loss=0.12)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --wait: show every rank's output as it is written (default: when the output "
+                        "is a terminal); the logs in cmlogs/ are written all the same")
     p.add_argument("--detach-on-interrupt", action="store_true",
                    help="with --wait: Ctrl-C stops waiting and leaves the job running (else the first Ctrl-C "
                         "shows the job's state and a second within a second cancels it, as srun does)")
@@ -188,18 +194,29 @@ def exit_status(job):
 SECOND_INTERRUPT = 1.0
 
 
-def wait_interruptibly(settings, conn, job_id, detach):
-    """The job's view once it has ended. Ctrl-C: with detach, None at once (the job goes on);
-    else the first shows the job's state and a second within SECOND_INTERRUPT cancels it,
-    and the wait goes on until it has ended."""
+# Seconds between looks at the logs, for the live output.
+FOLLOW_EVERY = 0.1
+
+
+def wait_interruptibly(settings, conn, job_id, detach, follow=None):
+    """The job's view once it has ended, showing its output meanwhile if follow is given.
+    Ctrl-C: with detach, None at once (the job goes on); else the first shows the job's
+    state and a second within SECOND_INTERRUPT cancels it, and the wait goes on until it
+    has ended."""
     import time
     last_interrupt = None
     while True:
         try:
             try:
-                return conn.receive(timeout=None)["job"]
+                if follow is not None:
+                    while not conn.ready(FOLLOW_EVERY):
+                        follow.poll()
+                job = conn.receive(timeout=None)["job"]
             except Unreachable:           # the head restarted while the job ran: ask the new one
-                return wait_for_end(settings, job_id)
+                job = wait_for_end(settings, job_id)
+            if follow is not None:
+                follow.finish()
+            return job
         except KeyboardInterrupt:
             if detach:
                 return None
@@ -225,7 +242,11 @@ def main(args):
         print(job_id, flush=True)
         if not args.wait:
             return Exit.OK
-        job = wait_interruptibly(settings, conn, job_id, args.detach_on_interrupt)
+        follow = None
+        if args.stream or (args.stream is None and sys.stdout.isatty()):
+            from .follow import Follow
+            follow = Follow(os.path.join(fields["workdir"], "cmlogs", str(job_id)), args.label)
+        job = wait_interruptibly(settings, conn, job_id, args.detach_on_interrupt, follow)
         if job is None:
             import signal                 # here only: its import costs every cmrun a few ms
             print(f"cmrun: stopped waiting; job {job_id} goes on (cmkill {job_id} stops it)", file=sys.stderr)
