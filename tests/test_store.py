@@ -2,7 +2,6 @@
 head restart reads back after journal appends, compactions, a compaction or
 an end that stopped half way, and the layout before journals; and reads of
 the history, bucket by bucket."""
-import os
 import socket
 import subprocess
 import tempfile

@@ -311,10 +311,9 @@ class Hold(Message):
     FIELDS = {"job_ids": List(JOB_ID, min_len=1, max_len=100000)}
 
 
-class Release(Message):
+class Release(Hold):
     """CLI -> head: let these held jobs start (cmctl release)."""
     OP = Op.RELEASE
-    FIELDS = {"job_ids": List(JOB_ID, min_len=1, max_len=100000)}
 
 
 # ---- replies to the CLI: {"ok": true, fields...} or {"ok": false, "error": ...} ----
@@ -350,9 +349,8 @@ class Cancelled(Reply):
     FIELDS = ("results",)
 
 
-class Changed(Reply):
+class Changed(Cancelled):
     """cmctl hold/release: one result per job, {"job_id", "ok"} or {"job_id", "ok": false, "error"}."""
-    FIELDS = ("results",)
 
 
 class JobEnded(Reply):

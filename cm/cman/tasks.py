@@ -114,15 +114,15 @@ class TaskChild:
 
     def write_script(self, directory):
         """The batch script as it was at submission, in the job's log directory (as the user,
-        never through a link): written under a name of this rank's, then renamed into place,
-        so that ranks on one node never see each other's half-written copy."""
+        never through a link): written under a name of this rank's, then linked into place
+        unless another rank (or attempt) put it there already, so that no rank sees another's
+        half-written copy, nor has the file it executes replaced."""
         path = f"{directory}/script"
         partial = f"{directory}/.script.{self.rank}.{os.getpid()}"
         try:
             try:                          # a copy another rank (or attempt) made: the same text
                 info = os.lstat(path)
-                if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and \
-                        info.st_size == len(self.spec.script.encode()):
+                if self.own_plain_file(info) and info.st_size == len(self.spec.script.encode()):
                     return path
             except FileNotFoundError:
                 pass
@@ -138,9 +138,7 @@ class TaskChild:
             try:
                 os.link(partial, path)    # never over a copy another rank may be executing
             except FileExistsError:
-                info = os.lstat(path)
-                if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-                    self.fail(1, f"{self.spec.workdir}/{path} is not a plain file of uid {os.geteuid()}'s")
+                self.require_own_plain_file(os.lstat(path), path)
             os.unlink(partial)
         except OSError as e:
             self.fail(1, f"cannot write the job's script under {self.spec.workdir}/{directory}: {e.strerror}")
@@ -150,12 +148,18 @@ class TaskChild:
         """A log file of the user's: never through a link, and a plain file (a FIFO planted
         there would block the open, a device would take the output)."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-            self.fail(1, f"{self.spec.workdir}/{path} is not a plain file of uid {os.geteuid()}'s")
+        self.require_own_plain_file(os.fstat(fd), path)
         os.ftruncate(fd, 0)
         os.set_blocking(fd, True)
         return fd
+
+    @staticmethod
+    def own_plain_file(info):
+        return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
+
+    def require_own_plain_file(self, info, path):
+        if not self.own_plain_file(info):
+            self.fail(1, f"{self.spec.workdir}/{path} is not a plain file of uid {os.geteuid()}'s")
 
     def fail(self, code, message):
         os.write(self.report_fd, f"{code}\t{message}".encode(errors="replace")[:4000])

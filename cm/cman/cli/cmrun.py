@@ -104,9 +104,7 @@ def script_options(path, text):
                 words = shlex.split(stripped[3:])
                 if parser().parse(words + ["--", "x"]).command != ["x"]:
                     raise UsageError(f"#CM lines hold cmrun's options only, not a command: {stripped[3:].strip()!r}")
-            except ValueError as e:
-                raise UsageError(f"{path}:{number}: {e}") from None
-            except UsageError as e:
+            except (ValueError, UsageError) as e:      # shlex's open quote, or a bad option
                 raise UsageError(f"{path}:{number}: {e}") from None
             options += words
         elif stripped and not stripped.startswith("#"):

@@ -166,7 +166,7 @@ class JobQueue:
     # ---- dependencies ----
 
     def known_state(self, job_id):
-        job = self.jobs.get(job_id) or self.ended.get(job_id)
+        job = self.get(job_id)
         return job.state if job is not None else None
 
     def watch_dependencies(self, job):
