@@ -99,6 +99,9 @@ class Cm:
     def submit_wrap(self, command):
         return self.cmd("cmrun", "sh", "-c", command)
 
+    def submit_array(self, spec, *argv):
+        return self.cmd("cmrun", "--array", spec, *argv)
+
     def job_id(self, out):
         return int(out.strip())
 
@@ -176,6 +179,9 @@ class SlurmSide:
     def submit_wrap(self, command):
         return ["sbatch", "-o", "slurm-%j.out", "--wrap", command]
 
+    def submit_array(self, spec, *argv):
+        return ["sbatch", "-o", "/dev/null", f"--array={spec}", "--wrap", " ".join(argv)]
+
     def job_id(self, out):
         return int(out.split()[-1])
 
@@ -247,6 +253,16 @@ def throughput(systems, jobs, report, label=""):
                {s.name: [jobs / (submitted - start)]}, None)
         report(f"{jobs} trivial jobs: end to end{label}", "jobs/s", "higher",
                {s.name: [jobs / (done - start)]}, "cm >= 5x Slurm default, >= 2x tuned")
+
+
+def array_run(systems, elements, report):
+    """One array of trivial elements, from its submission to its last element's end."""
+    for s in systems:
+        start = time.monotonic()
+        timed(s.submit_array(f"0-{elements - 1}", "true"), s.env, s.work)
+        done = wait_for(lambda: s.active() == 0, 3600, f"an array of {elements} to finish on {s.name}")
+        report(f"an array of {elements} trivial elements: end to end", "elements/s", "higher",
+               {s.name: [elements / (done - start)]}, "cm >= 50x Slurm")
 
 
 def queue_and_cancel(systems, jobs, n, report):
@@ -412,6 +428,20 @@ def memory_after_many(count, report):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def only_arrays(cm_only, report):
+    work = tempfile.mkdtemp(prefix="bench-")
+    os.chmod(work, 0o755)
+    systems = [Cm(work)] + ([] if cm_only else [SlurmSide(work)])
+    try:
+        for s in systems:
+            s.start()
+        array_run(systems, 1000, report)
+    finally:
+        for s in systems:
+            s.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- report
 
 class Report:
@@ -460,13 +490,15 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer runs and jobs: a few minutes")
     p.add_argument("--cm-only", action="store_true", help="measure cm alone, without Slurm")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="where the JSON goes")
-    p.add_argument("--only", choices=("history", "memory", "scale"),
-                   help="only this scenario: history (costs as the history grows), memory (after many jobs), "
-                        "scale (simulated nodes)")
+    p.add_argument("--only", choices=("array", "history", "memory", "scale"),
+                   help="only this scenario: array (one of 1,000 elements), history (costs as the history grows), "
+                        "memory (after many jobs), scale (simulated nodes)")
     args = p.parse_args()
     if args.only:
         report = Report()
-        if args.only == "history":
+        if args.only == "array":
+            only_arrays(args.cm_only or not slurm_available(), report)
+        elif args.only == "history":
             history_costs((0, 5000, 20000), None if args.cm_only or not slurm_available() else SlurmSide, report)
         elif args.only == "scale":
             scale((100, 1000), 300, 5, report)
@@ -503,6 +535,8 @@ def main():
         throughput(systems, jobs, report)
         print("scenario 6: memory, after the jobs")
         memory(systems, f"after {jobs} jobs", report)
+        print("scenario 11: an array of 1,000 elements")
+        array_run(systems, 1000, report)
         print(f"scenario 5: queue view and cancel with {big} pending")
         queue_and_cancel(systems, big, 20, report)
         print("scenario 8: failure detection")

@@ -106,9 +106,9 @@ def cli_exchange(path, payload, read=True):
 def test_garbage_on_the_cli_socket_is_answered_and_the_head_keeps_serving(cluster, workdir):
     accepted = cluster.submit("sleep", "60", cwd=workdir)
     path = cluster.env["CM_SOCKET"]
-    for payload in (b"hello\n", b"{}\n", b'{"v":3,"op":"submit"}\n', b'{"v":9,"op":"info"}\n',
-                    b'{"v":3,"op":"cancel","job_ids":["all"]}\n', b"\xff\x00\n",
-                    json.dumps({"v": 3, "op": "submit", "argv": ["x"] * 20000, "workdir": "/", "env": []}).encode() + b"\n"):
+    for payload in (b"hello\n", b"{}\n", b'{"v":%d,"op":"submit"}\n' % PROTOCOL_VERSION, b'{"v":9,"op":"info"}\n',
+                    b'{"v":%d,"op":"cancel","job_ids":["all"]}\n' % PROTOCOL_VERSION, b"\xff\x00\n",
+                    json.dumps({"v": PROTOCOL_VERSION, "op": "submit", "argv": ["x"] * 20000, "workdir": "/", "env": []}).encode() + b"\n"):
         reply = json.loads(cli_exchange(path, payload).splitlines()[0])
         assert reply["ok"] is False and reply["error"]
     cli_exchange(path, b'{"v":3,', read=False)         # half a request, then gone
@@ -129,7 +129,7 @@ def test_thousands_of_random_requests_on_the_cli_socket(cluster, workdir, figure
     accepted = cluster.submit("sleep", "60", cwd=workdir)
     path = cluster.env["CM_SOCKET"]
     rng = random.Random(11)
-    valid = json.dumps({"v": 3, "op": "info", "jobs": True, "job_ids": [accepted]}).encode()
+    valid = json.dumps({"v": PROTOCOL_VERSION, "op": "info", "jobs": True, "job_ids": [accepted]}).encode()
     frames = 2000
     for i in range(frames):
         kind = i % 3
@@ -138,7 +138,7 @@ def test_thousands_of_random_requests_on_the_cli_socket(cluster, workdir, figure
         elif kind == 1:
             frame = mutated(rng, valid)
         else:
-            frame = json.dumps({"v": 3, "op": rng.choice(["submit", "cancel", "info", "wait", "?"]),
+            frame = json.dumps({"v": PROTOCOL_VERSION, "op": rng.choice(["submit", "cancel", "info", "wait", "?"]),
                                 rng.choice(["argv", "job_ids", "job_id", "nodes"]): rng.choice(
                                     [[], [-1], "x", None, 10**30, {"a": 1}, [["x"]]])}).encode()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -156,7 +156,7 @@ def test_thousands_of_random_requests_on_the_cli_socket(cluster, workdir, figure
 def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, workdir, figures):
     port = int(cluster.process("head")["cm_env"]["CM_HEAD_PORT"])
     rng = random.Random(7)
-    valid = json.dumps({"v": 3, "op": "heartbeat", "load": 0.1, "cpu_percent": 1, "mem_used_mb": 10,
+    valid = json.dumps({"v": PROTOCOL_VERSION, "op": "heartbeat", "load": 0.1, "cpu_percent": 1, "mem_used_mb": 10,
                         "running": []}).encode()
     ctx = zmq.Context.instance()
     with ctx.socket(zmq.DEALER) as s:
@@ -172,7 +172,7 @@ def test_garbage_on_the_compute_socket_is_dropped_and_jobs_still_run(cluster, wo
             elif kind == 1:                       # a valid frame with bytes flipped
                 frame = mutated(rng, valid)
             elif kind == 2:                       # well-formed JSON, wrong contents
-                frame = json.dumps({"v": 3, "op": rng.choice(["register", "task_ended", "launch", "x"]),
+                frame = json.dumps({"v": PROTOCOL_VERSION, "op": rng.choice(["register", "task_ended", "launch", "x"]),
                                     "name": "node1", "ended": [{"job": -1}]}).encode()
             else:                                 # several frames at once
                 frame = [b"a", b"b", valid]
@@ -244,7 +244,7 @@ def test_an_environment_that_is_not_utf8_is_refused_naming_the_variable_and_the_
     # Another client that sends it anyway is refused by the head, which goes on.
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(cluster.env["CM_SOCKET"])
-        s.sendall(b'{"v":3,"op":"submit","id":"x1","argv":["true"],"workdir":"/tmp","env":["A=\\udcff"]}\n')
+        s.sendall(b'{"v":%d,"op":"submit","id":"x1","argv":["true"],"workdir":"/tmp","env":["A=\\udcff"]}\n' % PROTOCOL_VERSION)
         answer = json.loads(s.makefile().readline())
     assert answer["ok"] is False and "not UTF-8 text" in answer["error"]
     assert cluster.cm("cmrun", "--wait", "true", cwd=workdir).returncode == 0

@@ -95,7 +95,7 @@ def test_a_held_job_starts_only_once_released_and_only_its_owner_or_root_may(clu
     # Holding again: a job that has ended cannot be; an unknown id is named.
     proc = cluster.cm("cmctl", "hold", str(job), "999999")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"cmctl: error: job {job}: already ended",
+    assert proc.stderr.strip().splitlines() == [f"cmctl: error: job {job}: already ended (COMPLETED)",
                                                 "cmctl: error: job 999999: no such job"]
     pending = cluster.submit("-n", "3", "-c", "2", "sleep", "300", cwd=workdir)
     queued = cluster.submit("true", cwd=workdir)

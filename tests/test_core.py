@@ -2,6 +2,7 @@
 database: what it sends to nodes, answers to callers and asks the writer to
 write. A restart is a new core restored from what the fake writer had made
 durable, so a head that stops between two steps can be played exactly."""
+import copy
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from cman.head.core import Core
 from cman.head.nodes import InvalidNodeTransition
 from cman.head.restore import restore
 from cman.seal import Sealer
-from cman.vocab import EndCause, NodeState, Op
+from cman.vocab import PROTOCOL_VERSION, EndCause, NodeState, Op
 
 CFG = config.load({"CM_NODE_TIMEOUT": "3", "CM_HEARTBEAT_INTERVAL": "1", "CM_NODE_FORGET_AFTER": "60"},
                   site_file=None)
@@ -31,8 +32,8 @@ class FakeWriter:
     def _op(self, method, *args, done=None):
         self.ops.append((method, args, done))
 
-    def insert_job(self, fields, done):
-        self._op("insert_job", fields, done=done)
+    def insert_job(self, fields, done, ids=1):
+        self._op("insert_job", fields, ids, done=done)
 
     def update_job(self, job_id, fields, done=None):
         self._op("update_job", job_id, fields, done=done)
@@ -64,10 +65,10 @@ class FakeWriter:
                 continue
             if method == "insert_job":
                 result = self.next_job_id
-                self.live[result] = dict(args[0], id=result)
-                self.next_job_id += 1
-            elif method == "update_job":
-                self.live[args[0]].update(args[1])
+                self.live[result] = dict(copy.deepcopy(args[0]), id=result)
+                self.next_job_id += args[1]
+            elif method == "update_job":          # an array's element: its first record
+                self.live.setdefault(args[0], {}).update(copy.deepcopy(args[1]))
             elif method == "end_job":
                 self.live.pop(args[0]["id"], None)
             elif method == "save_node":
@@ -128,11 +129,11 @@ def register(core, name="node1", cpus=2, running=(), ended=()):
 
 
 def request(core, caller, op, request_id="r1", **fields):
-    core.on_cli(caller, json.dumps({"v": 3, "op": op, "id": request_id, **fields}).encode())
+    core.on_cli(caller, json.dumps({"v": PROTOCOL_VERSION, "op": op, "id": request_id, **fields}).encode())
 
 
 def submit(core, caller, request_id="r1", **fields):
-    request(core, caller, Op.SUBMIT, request_id, argv=["true"], workdir="/tmp", env=[], **fields)
+    request(core, caller, Op.SUBMIT, request_id, **{"argv": ["true"], "workdir": "/tmp", "env": [], **fields})
 
 
 # uids that no account on the test machine has, so that their names are the numbers
@@ -501,3 +502,66 @@ def test_jobs_queued_before_seals_run_only_if_the_operator_says_so_once(seal_the
         assert len(out.sent_ops(Op.LAUNCH)) == 1
     else:
         assert out.sent_ops(Op.LAUNCH) == [] and core.queue.get(0).state == "FAILED"
+
+
+def end_tasks(core, launches, exit_code=0):
+    for name, launch in launches:
+        core.on_compute(name, messages.TaskEnded(ended=[
+            messages.task_end((launch.job, launch.attempt, rank), EndCause.EXITED, exit_code=exit_code)
+            for rank in launch.ranks]))
+
+
+def test_an_array_of_a_thousand_is_one_write_and_its_elements_start_as_they_fit():
+    core, out, writer, clock = new_core()
+    register(core, cpus=4)
+    writer.complete()
+    submit(core, ALICE, array="0-999%3", env=["BIG=" + "x" * 10000])
+    assert [op[0] for op in writer.ops] == ["insert_job"]          # one durable write for the lot
+    writer.complete()
+    assert out.replies[-1][1] == {"ok": True, "job_id": 0}
+    assert writer.next_job_id == 1001                               # the elements' ids are 1 ... 1000
+    core.tick(clock.now)
+    writer.complete()
+    launches = out.sent_ops(Op.LAUNCH)
+    assert [(launch.job, launch.array["task"]) for _, launch in launches] == [(1, 0), (2, 1), (3, 2)]  # %3
+    assert launches[0][1].array == {"job": 0, "task": 0, "count": 1000, "min": 0, "max": 999}
+    assert launches[0][1].env == ["BIG=" + "x" * 10000]
+    # An element's record leaves out what its template keeps.
+    assert "env" not in writer.live[1] and writer.live[1]["array_id"] == 0
+    assert writer.live[0]["array"]["next"] == 3
+    end_tasks(core, launches[:1])
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    assert [launch.array["task"] for _, launch in out.sent_ops(Op.LAUNCH)[3:]] == [3]
+
+
+def test_a_head_restarted_mid_array_runs_no_element_twice_and_the_array_ends_once_all_have():
+    core, out, writer, clock = new_core()
+    register(core, cpus=2)
+    submit(core, ALICE, array="0-4")
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    first = out.sent_ops(Op.LAUNCH)
+    assert [launch.array["task"] for _, launch in first] == [0, 1]
+    end_tasks(core, first[:1])
+    writer.complete()
+    core.tick(clock.now)                              # element 2 placed; the head dies before that is durable
+    writer.ops.clear()
+    core, out, writer, clock = new_core(FakeWriter(writer.state()))
+    register(core, cpus=2, running=[{"job": first[1][1].job, "attempt": 0, "rank": 0}])
+    assert out.sent_ops(Op.LAUNCH) == []              # element 1 runs still: not sent again
+    core.tick(clock.now)
+    writer.complete()
+    assert [launch.array["task"] for _, launch in out.sent_ops(Op.LAUNCH)] == [2]
+    end_tasks(core, first[1:])                        # element 1 ends, as it ran on through the restart
+    for _ in range(4):                                # the rest, as they start
+        end_tasks(core, [(n, m) for n, m in out.sent_ops(Op.LAUNCH)])
+        out.sent.clear()
+        writer.complete()
+        core.tick(clock.now)
+        writer.complete()
+    template = core.queue.get(0)
+    assert template.state == "COMPLETED" and template.array["ended"] == {"COMPLETED": 5}
+    assert 0 not in writer.live and not writer.live

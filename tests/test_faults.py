@@ -8,6 +8,7 @@ import subprocess
 import time
 
 from conftest import BIN, TO_HEAD, TO_NODE, make_cluster, relayed_node, wait_until
+from cman.vocab import PROTOCOL_VERSION
 
 # Each run of a task leaves a marker named by job, attempt and rank.
 MARK = 'touch "markers/$CM_JOB_ID.$CM_ATTEMPT.$CM_RANK.$$"; sleep {}'
@@ -163,7 +164,7 @@ def raw_request(path, request):
 
 
 def test_a_retried_submission_makes_one_job(cluster, workdir):
-    request = {"v": 3, "op": "submit", "id": "retry-test-1", "argv": ["true"], "workdir": workdir, "env": []}
+    request = {"v": PROTOCOL_VERSION, "op": "submit", "id": "retry-test-1", "argv": ["true"], "workdir": workdir, "env": []}
     first = raw_request(cluster.env["CM_SOCKET"], request)
     again = raw_request(cluster.env["CM_SOCKET"], request)
     assert first["ok"] and again == first
@@ -172,6 +173,6 @@ def test_a_retried_submission_makes_one_job(cluster, workdir):
 
 
 def test_a_client_cannot_say_who_it_is(cluster, workdir):
-    request = {"v": 3, "op": "submit", "argv": ["true"], "workdir": workdir, "env": [], "uid": 0, "user": "root"}
+    request = {"v": PROTOCOL_VERSION, "op": "submit", "argv": ["true"], "workdir": workdir, "env": [], "uid": 0, "user": "root"}
     reply = raw_request(cluster.env["CM_SOCKET"], request)
-    assert reply == {"v": 3, "ok": False, "error": "bad request: unknown field uid"}
+    assert reply == {"v": PROTOCOL_VERSION, "ok": False, "error": "bad request: unknown field uid"}

@@ -6,11 +6,11 @@ import pytest
 
 from cman import messages
 from cman.messages import BadMessage, decode
-from cman.vocab import MAX_MESSAGE_BYTES
+from cman.vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 
 
 def frame(**fields):
-    return json.dumps({"v": 3, **fields}).encode()
+    return json.dumps({"v": PROTOCOL_VERSION, **fields}).encode()
 
 
 REGISTER = dict(op="register", name="node1", cpus=2, mem_mb=1024, running=[], ended=[], containment="cgroup v1")

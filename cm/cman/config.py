@@ -118,6 +118,7 @@ SCHEMA = {
     "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
     "max_active_jobs_per_user": (_count(0), "a whole number >= 0 (0: no limit)"),
     "max_connections_per_user": (_count(1), "a whole number >= 1"),
+    "max_array_size": (_count(1), "a whole number >= 1"),
     "state_dir": (_absolute, "an absolute path"),
     "status_file": (_optional_path, "an absolute path, or nothing"),
     "containment": (_containment, "auto, cgroup or process-group"),

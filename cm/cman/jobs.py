@@ -6,6 +6,7 @@ happened (the nodes report each task's end): a RUNNING job records the first
 cause to end it as its `fate`, and reaches a final state only when every task
 has been reported ended, so its CPUs are never freed while a task still runs.
 """
+from . import arrays
 from .vocab import EndCause, JobState
 
 # Every allowed change of state.
@@ -27,8 +28,17 @@ STORED_FIELDS = (
     "nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "retries",
     "submit_time", "start_time", "end_time", "state", "reason",
     "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate", "seal",
-    "script", "held", "dependency", "kill_on_invalid_dep",
+    "script", "held", "dependency", "kill_on_invalid_dep", "array", "array_id", "array_task",
 )
+
+
+# What an array's element has of its template (the rest is its own).
+INHERITED_FIELDS = ("name", "user", "uid", "gid", "argv", "workdir", "env", "nodes", "procs_per_node",
+                    "cpus_per_proc", "mem_mb", "time_limit", "retries", "submit_time", "script")
+
+
+# What the journal keeps of a live element: its own fields (its template keeps the rest).
+ELEMENT_FIELDS = tuple(f for f in STORED_FIELDS if f not in arrays.SHARED_FIELDS)
 
 
 class InvalidTransition(RuntimeError):
@@ -52,8 +62,13 @@ class Job:
         self.held = False              # a pending job its owner or root holds back
         self.dependency = None         # what it waits for (depend.py's stored form), or None
         self.kill_on_invalid_dep = False   # cancelled, not left waiting, if that can never happen
+        self.array = None              # an array's template: its state (arrays.py); else None
+        self.array_id = self.array_task = None   # an array's element: its array's id and its task id
         self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
         self.__dict__.update(fields)   # cancel asked before a head restart still ends it after
+        if self.array is not None:     # a template: its task ids, and its elements in memory
+            self.tasks, _ = arrays.parse(self.array["spec"], 2**53)
+            self.elements = set()
         self.launched = self.state == JobState.RUNNING   # a job stored RUNNING was launched
         self.outstanding = {}          # node name -> ranks not yet reported ended
         if self.state == JobState.RUNNING:
@@ -84,7 +99,24 @@ class Job:
             out["argv"] = [a[:VIEW_ARGV_CHARS // 8] for a in self.argv[:8]] + ["..."]
         out["elapsed"] = elapsed(self.start_time, self.end_time, now)
         out["ntasks"] = self.ntasks
+        if self.array is not None:
+            state = self.array
+            pending = [self.tasks[p] for p in arrays.unsplit_positions(state)]
+            out["array"] = {"count": state["count"], "limit": state["limit"], "ended": dict(state["ended"]),
+                            "pending": arrays.fold(pending), "pending_count": len(pending),
+                            "tasks": arrays.fold(self.tasks)}
         return out
+
+    @property
+    def is_array(self):
+        return self.array is not None
+
+
+def new_element(template, position):
+    """An array's element at position, PENDING, split off its template (not yet sealed)."""
+    fields = {f: getattr(template, f) for f in INHERITED_FIELDS}
+    return Job(id=arrays.element_id(template.id, position), array_id=template.id,
+               array_task=template.tasks[position], state=JobState.PENDING, **fields)
 
 
 def elapsed(start, end, now):
@@ -95,6 +127,12 @@ def elapsed(start, end, now):
 
 def transition(job, new_state, now, reason=""):
     """The only place a job's state changes; returns the fields that changed."""
+    if job.is_array:
+        # An array's template stays PENDING while any element lives, then takes their summary.
+        if job.state != JobState.PENDING or new_state not in JobState.FINAL:
+            raise InvalidTransition(f"array {job.id}: {job.state} -> {new_state} is not allowed")
+        job.state, job.reason, job.end_time = new_state, reason, now
+        return {"state", "reason", "end_time"}
     if new_state not in ALLOWED.get(job.state, ()):
         raise InvalidTransition(f"job {job.id}: {job.state} -> {new_state} is not allowed")
     old = job.state
@@ -154,6 +192,17 @@ def set_fate(job, fate):
 def fate_after_node_loss(job):
     """A node running the job is gone: run it again if it has retries left."""
     return REQUEUE if job.retries > 0 else JobState.NODE_FAIL
+
+
+def array_final_state(template):
+    """An array's state once every element has ended: COMPLETED if each did, CANCELLED if
+    any was cancelled (or never started), else FAILED."""
+    ended = template.array["ended"]
+    if template.array["dropped"] or ended.get(JobState.CANCELLED):
+        return JobState.CANCELLED
+    if set(ended) <= {JobState.COMPLETED}:
+        return JobState.COMPLETED
+    return JobState.FAILED
 
 
 def final_state(job):

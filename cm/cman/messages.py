@@ -131,6 +131,25 @@ def check_fields(data, fields, optional, prefix=""):
     return out
 
 
+class JobRef:
+    """A job as a user names it: its id (7), or an array's element by task id ("12_7",
+    as a string) -> 7 or (12, 7)."""
+    PATTERN = re.compile(r"([0-9]{1,16})_([0-9]{1,16})")
+
+    def __call__(self, name, v):
+        if type(v) is int:
+            return JOB_ID(name, v)
+        match = self.PATTERN.fullmatch(v) if type(v) is str else None
+        if match is None:
+            raise BadMessage(f"{name}: want a job id (7) or an array's element (\"12_7\"), got {v!r:.40}")
+        return int(match.group(1)), int(match.group(2))
+
+
+def shown_ref(ref):
+    """A checked JobRef as the user typed it."""
+    return ref if isinstance(ref, int) else f"{ref[0]}_{ref[1]}"
+
+
 NODE_NAME = Str(63, r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The longest batch script cm carries (cmrun copies it at submission).
 MAX_SCRIPT = 256 * 1024
@@ -140,6 +159,7 @@ RANK = Int(0, 10**6)
 SIGNAL = Int(1, 128)
 EXIT_CODE = Int(0, 255)
 ENV_ENTRY = Str(65536, r"(?s)[^=]+=.*", empty=False)      # values may hold newlines (exported functions)
+JOB_REF = JobRef()
 TASK_KEY = Record({"job": JOB_ID, "attempt": ATTEMPT, "rank": RANK})
 JOB_ATTEMPT = Record({"job": JOB_ID, "attempt": ATTEMPT})
 TASK_END = Record({
@@ -255,7 +275,11 @@ class Launch(Message):
         "time_limit": Int(0, 10**9), "may_requeue": Bool(),
         "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),     # this node's share: its cgroup's limits
         "script": Str(MAX_SCRIPT, empty=True),    # a batch script's text, run as argv[0] ("": none)
+        # an array's element: its array's id, its task id, and its array's count and lowest and highest tasks
+        "array": Record({"job": JOB_ID, "task": Int(0, 2**53), "count": Int(1, 2**53),
+                         "min": Int(0, 2**53), "max": Int(0, 2**53)}),
     }
+    OPTIONAL = ("array",)
 
 
 class Kill(Message):
@@ -280,23 +304,24 @@ class Submit(Message):
         "mem_mb": Int(0, 2**40), "time_limit": Int(0, 10**9), "name": Str(256),
         "retries": Int(0, 1000), "wait": Bool(), "script": Str(MAX_SCRIPT), "hold": Bool(),
         "dependency": Str(20000), "kill_on_invalid_dep": Bool(),
+        "array": Str(10000),              # an array's spec (arrays.py): one submission, its elements
     }
     OPTIONAL = ("nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "name", "retries", "wait",
-                "script", "hold", "dependency", "kill_on_invalid_dep")
+                "script", "hold", "dependency", "kill_on_invalid_dep", "array")
 
 
 class Info(Message):
     """CLI -> head: nodes and/or jobs, for cminfo."""
     OP = Op.INFO
-    FIELDS = {"nodes": Bool(), "jobs": Bool(), "all": Bool(), "job_ids": List(JOB_ID, max_len=10000),
+    FIELDS = {"nodes": Bool(), "jobs": Bool(), "all": Bool(), "job_ids": List(JOB_REF, max_len=10000),
               "limit": Int(1, 10000)}
     OPTIONAL = tuple(FIELDS)
 
 
 class Cancel(Message):
-    """CLI -> head: cmkill these jobs."""
+    """CLI -> head: cmkill these jobs (an array's id: all its elements)."""
     OP = Op.CANCEL
-    FIELDS = {"job_ids": List(JOB_ID, min_len=1, max_len=100000)}
+    FIELDS = {"job_ids": List(JOB_REF, min_len=1, max_len=100000)}
 
 
 class Wait(Message):
@@ -308,7 +333,7 @@ class Wait(Message):
 class Hold(Message):
     """CLI -> head: keep these pending jobs from starting (cmctl hold)."""
     OP = Op.HOLD
-    FIELDS = {"job_ids": List(JOB_ID, min_len=1, max_len=100000)}
+    FIELDS = {"job_ids": List(JOB_REF, min_len=1, max_len=100000)}
 
 
 class Release(Hold):

@@ -44,7 +44,8 @@ def place(pending, free):
     """Start what fits, in order.
 
     pending: jobs in submission order (objects with id, nodes, procs_per_node,
-    cpus_per_proc, mem_mb). free: {name: (free_cpus, free_mem_mb)}.
+    cpus_per_proc, mem_mb; and repeat, for an array: how many of its elements may
+    start, each placed as a job of that size). free: {name: (free_cpus, free_mem_mb)}.
     Returns (placements, waiting): [(job, [node names])] to start now, and
     {job id: pending reason} for the rest.
     """
@@ -55,15 +56,16 @@ def place(pending, free):
         if blocked:
             waiting[job.id] = PendingReason.PRIORITY
             continue
-        names = choose_nodes(job, free)
-        if names is None:
-            waiting[job.id] = PendingReason.RESOURCES
-            blocked = True
-            continue
-        for name in names:
-            free[name][0] -= cpus_per_node(job)
-            free[name][1] -= job.mem_mb
-        placements.append((job, names))
+        for _ in range(getattr(job, "repeat", 1)):     # an array: as many of its elements as may start
+            names = choose_nodes(job, free)
+            if names is None:
+                waiting[job.id] = PendingReason.RESOURCES
+                blocked = True
+                break
+            for name in names:
+                free[name][0] -= cpus_per_node(job)
+                free[name][1] -= job.mem_mb
+            placements.append((job, names))
     return placements, waiting
 
 

@@ -76,6 +76,9 @@ class JobDoc(me.EmbeddedDocument):
     held = me.BooleanField(default=False)                  # held back from starting (cmctl hold)
     dependency = me.DictField(null=True)                   # what it waits for (depend.py)
     kill_on_invalid_dep = me.BooleanField(default=False)
+    array = me.DictField(null=True)                        # an array's template: its state (arrays.py)
+    array_id = me.IntField(null=True)                      # an array's element: its array
+    array_task = me.IntField(null=True)                    # ... and its task id
 
 
 def check_job(fields):
@@ -85,6 +88,12 @@ def check_job(fields):
 
 def bucket_of(job_id):
     return job_id // HISTORY_BUCKET
+
+
+def ids_after(fields):
+    """The ids a job's record takes after its own: an array's, its elements'."""
+    array = fields.get("array")
+    return array["count"] if isinstance(array, dict) and isinstance(array.get("count"), int) else 0
 
 
 def _job_fields(raw):
@@ -146,7 +155,7 @@ class Store:
             job_id = record["id"]
             if record["t"] == "job":
                 live.setdefault(job_id, {}).update(record["f"])
-                next_id = max(next_id, job_id + 1)
+                next_id = max(next_id, job_id + 1 + ids_after(record["f"]))
             elif record["t"] == "end":
                 live.pop(job_id, None)
                 ended[job_id] = record["f"]

@@ -2,9 +2,10 @@
 
 Each task is a direct fork/exec of the job's command in its own session and
 process group, in the job's working directory, with its output in
-<workdir>/cmlogs/<job>/<rank>.out and .err. A daemon running as root starts
-it as the submitting user (uid, gid, groups); one running as an ordinary user
-runs only that user's jobs. Stopping a task signals its whole process group:
+<workdir>/cmlogs/<job>/<rank>.out and .err (an array's element's in
+cmlogs/<array>_<task>/). A daemon running as root starts it as the
+submitting user (uid, gid, groups); one running as an ordinary user runs
+only that user's jobs. Stopping a task signals its whole process group:
 SIGTERM, then SIGKILL after the grace period. No process is left unreaped.
 
 A task is forked, never waited for: what the child does before its exec
@@ -97,7 +98,18 @@ def task_env(spec, rank, local_rank, node_name):
         "CM_NODENAME": node_name,
         "CM_NODELIST": ",".join(spec.nodelist),
     })
+    array = spec.get("array")
+    if array is not None:                 # an array's element: Slurm's SLURM_ARRAY_* as CM_ARRAY_*
+        env.update({"CM_ARRAY_JOB_ID": str(array["job"]), "CM_ARRAY_TASK_ID": str(array["task"]),
+                    "CM_ARRAY_TASK_COUNT": str(array["count"]), "CM_ARRAY_TASK_MIN": str(array["min"]),
+                    "CM_ARRAY_TASK_MAX": str(array["max"])})
     return env
+
+
+def log_dir_name(spec):
+    """cmlogs/<job>, or cmlogs/<array>_<task> for an array's element."""
+    array = spec.get("array")
+    return f"cmlogs/{array['job']}_{array['task']}" if array is not None else f"cmlogs/{spec.job}"
 
 
 class TaskChild:
@@ -209,7 +221,7 @@ class TaskChild:
             os.chdir(spec.workdir)
         except OSError as e:
             self.fail(1, f"cannot enter working directory {spec.workdir}: {e.strerror}")
-        directory = f"cmlogs/{spec.job}"
+        directory = log_dir_name(spec)
         try:
             for path in ("cmlogs", directory):
                 try:

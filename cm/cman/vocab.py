@@ -4,7 +4,7 @@ fast-starting CLI) can use it.
 """
 
 # 2: a Launch says whether its job may run again elsewhere (may_requeue), for fencing.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 # Largest JSON message accepted on either channel. A launch carries the
 # submitter's environment, which is the biggest thing we send.
@@ -54,6 +54,7 @@ class PendingReason:
     HELD = "JobHeldUser"         # held by its owner or root (cmrun --hold, cmctl hold) until released
     DEPENDENCY = "Dependency"    # waits for the jobs it depends on (cmrun -d)
     NEVER = "DependencyNeverSatisfied"   # what it depends on can no longer happen; it waits for cmkill
+    ARRAY_LIMIT = "JobArrayTaskLimit"    # its array runs as many elements as its %K allows
 
 
 class EndCause:

@@ -22,6 +22,7 @@ back. The head learns of each change of availability, to log it and to
 refuse submissions meanwhile.
 """
 import collections
+import copy
 import logging
 import threading
 import time
@@ -47,9 +48,11 @@ COMPACT_MIN = 2000
 
 
 def private(fields):
-    """A copy the loop can no longer change: its lists (ended_ranks, node_list ...) are
-    appended to in place by the loop, while the writer encodes them on its own thread."""
-    return {k: list(v) if isinstance(v, list) else v for k, v in fields.items()}
+    """A copy the loop can no longer change: its lists (ended_ranks, node_list ...) and
+    objects (an array's state, a dependency) are changed in place by the loop, while the
+    writer encodes them on its own thread."""
+    return {k: list(v) if isinstance(v, list) else copy.deepcopy(v) if isinstance(v, dict) else v
+            for k, v in fields.items()}
 
 
 class Op:
@@ -148,9 +151,10 @@ class Writer(Worker):
 
     # ---- called by the head's loop ----
 
-    def insert_job(self, fields, done):
-        """Insert a new job; done(error, job_id) runs on the loop. Never retried: the caller is told."""
-        self._submit(Op("insert_job", (private(fields),), done, retry=False))
+    def insert_job(self, fields, done, ids=1):
+        """Insert a new job; done(error, job_id) runs on the loop. Never retried: the caller is told.
+        ids: how many ids it takes (an array: its own, then its elements')."""
+        self._submit(Op("insert_job", (private(fields), ids), done, retry=False))
 
     def update_job(self, job_id, fields, done=None):
         self._submit(Op("update_job", (job_id, private(fields)), done, retry=True))
@@ -331,7 +335,7 @@ class Writer(Worker):
         except mongoengine.errors.ValidationError as e:
             log.error("job refused, it cannot be stored: %s", e)
             return pymongo.errors.OperationFailure(f"the job cannot be stored: {e}")
-        self.next_job_id += 1
+        self.next_job_id += op.args[1]
         record = self._next_record("job", job_id, fields)
         try:
             self.store.append(self.gen, [record])

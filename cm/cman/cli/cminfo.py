@@ -3,6 +3,8 @@
     cminfo                 nodes, totals, and the pending and running jobs
     cminfo --all           the latest ended jobs too (--limit of them, newest first)
     cminfo -j 7 --json     one job, as JSON for scripts
+    cminfo -j 12           an array: its elements not started (12_[5-999]) and the others
+    cminfo -j 12_7         one element of array 12
 """
 import json
 
@@ -10,6 +12,7 @@ from .. import config, units
 from ..client import request
 from ..vocab import Exit, Op
 from .common import Parser, UsageError, error, run, whole_number
+from .common import job_ids as common_job_ids
 
 
 def parser():
@@ -26,13 +29,23 @@ def parser():
 
 
 def job_ids(texts):
-    ids = []
-    for text in texts:
-        for part in text.split(","):
-            if not part.strip().isdigit():
-                raise UsageError(f"-j: {part!r} is not a job id")
-            ids.append(int(part))
-    return ids
+    try:
+        return common_job_ids([part.strip() for text in texts for part in text.split(",")])
+    except UsageError as e:
+        raise UsageError(f"-j: {e}") from None
+
+
+def job_label(j):
+    """The JOBID column: 7; 12_7 for an array's element; 12_[5-999%50] for an array's
+    elements that have not started (all its tasks, once it has ended)."""
+    if j.get("array_id") is not None:
+        return f"{j['array_id']}_{j['array_task']}"
+    array = j.get("array")
+    if array is not None:
+        tasks = array["pending"] if j["state"] == "PENDING" else array["tasks"]
+        limit = f"%{array['limit']}" if array["limit"] and j["state"] == "PENDING" else ""
+        return f"{j['id']}_[{tasks}{limit}]"
+    return j["id"]
 
 
 def table(rows, headers):
@@ -44,7 +57,7 @@ def node_lines(nodes):
     rows = [(n["name"], n["status"], f"{n['alloc_cpus']}/{n['cpus']}",
              f"{units.format_mem(n['alloc_mem_mb'])}/{units.format_mem(n['mem_mb'])}",
              units.format_mem(n["mem_used_mb"]), f"{n['load']:.2f}",
-             n.get("containment") or "-", ",".join(map(str, n["jobs"])) or "-", n["reason"] or "")
+             n.get("containment") or "-", ",".join(map(str, n.get("job_labels", n["jobs"]))) or "-", n["reason"] or "")
             for n in nodes]
     out = table(rows, ("NODE", "STATE", "CPUS(A/T)", "MEM(A/T)", "MEM USED", "LOAD", "CONTAINMENT", "JOBS", "REASON"))
     up = [n for n in nodes if n["state"] == "UP"]
@@ -67,7 +80,7 @@ def job_lines(jobs):
             if j["reason"] and j["state"] not in ("RUNNING", "COMPLETED"):
                 where = f"{where} ({j['reason']})".strip()
         exit_code = "-" if j["state"] in ("PENDING", "RUNNING") else f"{j['exit_code']}:{j['exit_signal'] or 0}"
-        rows.append((j["id"], j["user"], j["name"][:20], j["state"], j["nodes"], j["ntasks"],
+        rows.append((job_label(j), j["user"], j["name"][:20], j["state"], j["nodes"], j["ntasks"],
                      units.format_duration(j["elapsed"]), units.format_time_limit(j["time_limit"]),
                      exit_code, where))
     return table(rows, ("JOBID", "USER", "NAME", "STATE", "NODES", "TASKS", "ELAPSED", "LIMIT", "EXIT", "NODELIST(REASON)"))

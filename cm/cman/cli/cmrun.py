@@ -3,11 +3,17 @@
     cmrun -n 2 -p 4 ./sim --steps 100
     cmrun --wait -t 10m -- python3 train.py --debug   # block; exit with the job's exit code
     cmrun -t 1h train.sh --lr 0.1                     # a batch script: its #CM lines are options
+    cmrun --array 0-999%50 ./sweep.sh                 # 1000 elements, at most 50 at once
 
 A command that is a script (a file starting with "#!") is a batch script, as
 sbatch's: it is copied at submission (editing it afterwards changes nothing),
 every rank runs the copy, and its leading "#CM ..." lines carry cmrun options
 (#CM -n 2 -p 4, #CM -t 10m, #CM -J train); options on the command line win.
+
+--array makes one submission of many elements, each a job of its own that
+finds its task in CM_ARRAY_TASK_ID and writes cmlogs/<array>_<task>/;
+cmrun prints the array's id, and --wait waits for every element and exits
+with the highest exit code.
 
 cmrun's options end at the command's first word, or at `--`; everything
 after that is the command's own. Options left out take the cluster's
@@ -62,6 +68,9 @@ def parser():
     p.add_argument("--detach-on-interrupt", action="store_true",
                    help="with --wait: Ctrl-C stops waiting and leaves the job running (else the first Ctrl-C "
                         "shows the job's state and a second within a second cancels it, as srun does)")
+    p.add_argument("-a", "--array", metavar="SPEC",
+                   help="an array of jobs, one per task id, as Slurm's: 0-999, 1,3,5-7, 0-99:4; %%K runs at most "
+                        "K at once (0-999%%50); each finds its task id in CM_ARRAY_TASK_ID")
     p.add_argument("--hold", action="store_true",
                    help="submit the job held: it starts only once released (cmctl release JOBID)")
     p.add_argument("-d", "--dependency", metavar="DEP",
@@ -165,6 +174,13 @@ def job_request(args, settings):
         fields["dependency"] = args.dependency
     if args.kill_on_invalid_dep:
         fields["kill_on_invalid_dep"] = True
+    if args.array is not None:
+        from .. import arrays
+        try:
+            arrays.parse(args.array, settings.max_array_size)
+        except arrays.ArraySpecError as e:
+            raise UsageError(f"-a/--array: {e}") from None
+        fields["array"] = args.array
     if args.wait:
         fields["wait"] = True
     return fields
@@ -241,7 +257,9 @@ def main(args):
         if not args.wait:
             return Exit.OK
         follow = None
-        if args.stream or (args.stream is None and sys.stdout.isatty()):
+        if args.array is not None:
+            pass                          # its elements' output stays in their logs
+        elif args.stream or (args.stream is None and sys.stdout.isatty()):
             from .follow import Follow
             follow = Follow(os.path.join(fields["workdir"], "cmlogs", str(job_id)), args.label)
         job = wait_interruptibly(settings, conn, job_id, args.detach_on_interrupt, follow)
@@ -253,9 +271,10 @@ def main(args):
         conn.close()
     if job["state"] != JobState.COMPLETED:
         reason = f": {job['reason']}" if job.get("reason") else ""
-        code = f", exit code {job['exit_code']}" if job["exit_code"] else ""
-        code += f", signal {job['exit_signal']}" if job["exit_signal"] else ""
-        print(f"cmrun: job {job_id} ended {job['state']}{code}{reason}", file=sys.stderr)
+        what, highest = ("array", "highest ") if job.get("array") else ("job", "")
+        code = f", {highest}exit code {job['exit_code']}" if job["exit_code"] else ""
+        code += f", {highest}signal {job['exit_signal']}" if job["exit_signal"] else ""
+        print(f"cmrun: {what} {job_id} ended {job['state']}{code}{reason}", file=sys.stderr)
     return exit_status(job)
 
 

@@ -130,12 +130,14 @@ def error(prog, message):
 
 
 def job_ids(texts):
-    """Job ids as typed (cmkill 7 8, cmctl hold 7); UsageError naming one that is not."""
+    """Jobs as typed (cmkill 7 8, cmctl hold 7, cmkill 12_7 for an array's element): ints, and
+    "ARRAY_TASK" strings; UsageError naming one that is neither."""
     ids = []
     for text in texts:
-        if not text.isdigit() or not text.isascii():
-            raise UsageError(f"{text!r} is not a job id")
-        ids.append(int(text))
+        array, sep, task = text.partition("_")
+        if not all(word.isdigit() and word.isascii() and len(word) <= 16 for word in ([array, task] if sep else [text])):
+            raise UsageError(f"{text!r} is not a job id (7, or 12_7 for an array's element)")
+        ids.append(f"{int(array)}_{int(task)}" if sep else int(text))
     return ids
 
 

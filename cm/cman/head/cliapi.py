@@ -11,8 +11,8 @@ import logging
 import os
 import pwd
 
-from .. import depend, messages, placement
-from ..jobs import Job
+from .. import arrays, depend, messages, placement
+from ..jobs import Job, new_element
 from ..messages import BadMessage, Cancelled, Changed, InfoReply, Invalid, JobEnded, Refused, Submitted
 from ..vocab import MAX_MESSAGE_BYTES, JobState, Op, PendingReason
 
@@ -145,6 +145,14 @@ class CliApi:
             if unknown:
                 self.out.reply(caller, Invalid(error=f"-d/--dependency: no job {unknown[0]}", usage=True))
                 return
+        array = None
+        if msg.get("array"):
+            try:
+                tasks, limit = arrays.parse(msg.array, cfg.max_array_size)
+            except arrays.ArraySpecError as e:
+                self.out.reply(caller, Invalid(error=f"--array: {e}", usage=True))
+                return
+            array = arrays.new_state(msg.array, limit, len(tasks))
         held = msg.get("hold", False)
         job = Job(
             id=None, name=msg.get("name", os.path.basename(msg.argv[0])),
@@ -158,7 +166,7 @@ class CliApi:
             retries=msg.get("retries", cfg.default_retries),
             submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
             script=msg.get("script", ""), held=held, dependency=dependency,
-            kill_on_invalid_dep=msg.get("kill_on_invalid_dep", False),
+            kill_on_invalid_dep=msg.get("kill_on_invalid_dep", False), array=array,
             reason=PendingReason.HELD if held else PendingReason.DEPENDENCY if dependency else "",
         )
         job.seal = self.sealer.seal(job)
@@ -175,8 +183,11 @@ class CliApi:
             self.out.reply(caller, Refused(error=f"job refused: {why}"))
             return
         self.begin(caller, msg)
-        # In the database before anyone sees its id; the writer gives the id.
-        self.out.writer.insert_job(job.stored(), lambda error, job_id: self.accepted(caller, msg, job, error, job_id))
+        # In the database before anyone sees its id; the writer gives the id (and an array's
+        # elements the ids after it: one write for them all).
+        ids = 1 + (array["count"] if array else 0)
+        self.out.writer.insert_job(job.stored(), lambda error, job_id: self.accepted(caller, msg, job, error, job_id),
+                                   ids=ids)
 
     def accepted(self, caller, msg, job, error, job_id):
         if error is not None:
@@ -188,8 +199,8 @@ class CliApi:
             return
         job.id = job_id
         self.queue.add(job)
-        log.info("job %d submitted by %s: %d x %d x %d CPUs, %s", job.id, job.user, job.nodes,
-                 job.procs_per_node, job.cpus_per_proc, " ".join(job.argv)[:200])
+        log.info("%s %d submitted by %s: %d x %d x %d CPUs, %s", f"array [{job.array['spec']}]" if job.is_array
+                 else "job", job.id, job.user, job.nodes, job.procs_per_node, job.cpus_per_proc, " ".join(job.argv)[:200])
         waits = msg.get("wait", False)
         self.answer(caller, msg, Submitted(job_id=job.id), last=not waits)
         if waits:
@@ -201,7 +212,7 @@ class CliApi:
         want_nodes, want_jobs = msg.get("nodes", False), msg.get("jobs", False)
         if not want_nodes and not want_jobs:
             want_nodes = want_jobs = True
-        reply = InfoReply(nodes=self.nodes.views() if want_nodes else [], jobs=[], missing=[],
+        reply = InfoReply(nodes=self.node_views() if want_nodes else [], jobs=[], missing=[],
                           insecure=not self.cfg.keys_dir)
         if not want_jobs:
             self.out.reply(caller, reply)
@@ -213,32 +224,87 @@ class CliApi:
                                  lambda error, stored: self.info_all(caller, reply, limit, error, stored))
         else:
             now = self.wall()
-            reply.jobs = [self.queue.jobs[i].view(now) for i in sorted(self.queue.jobs)]
+            reply.jobs = [self.queue.jobs[i].view(now) for i in sorted(self.queue.jobs) if shown(self.queue.jobs[i])]
             self.out.reply(caller, reply)
 
-    def info_jobs(self, caller, reply, job_ids):
-        """The jobs asked for: from memory, and any older ones from the history."""
+    def node_views(self):
+        """The nodes, each with the labels of its jobs as users name them (12_7 for an array's element)."""
+        views = self.nodes.views()
+        for view in views:
+            view["job_labels"] = [self.queue.label(job_id) for job_id in view["jobs"]]
+        return views
+
+    def info_jobs(self, caller, reply, refs):
+        """The jobs asked for (an array: its summary and its live elements), from memory;
+        older ones from the history, and an ended array's element after its array."""
         now = self.wall()
-        found, older = {}, []
-        for job_id in job_ids:
-            job = self.queue.get(job_id)
-            if job is not None:
-                found[job_id] = job.view(now)
-            elif self.queue.exists(job_id):
-                older.append(job_id)
+        found, older, older_elements = {}, [], []
+        for ref in refs:
+            key = messages.shown_ref(ref)
+            views = self.live_views(ref, now)
+            if views:
+                found[key] = views
+            elif isinstance(ref, int) and self.queue.exists(ref):
+                older.append(ref)
+            elif not isinstance(ref, int) and self.queue.exists(ref[0]):
+                older_elements.append(ref)
+        older += [array_id for array_id, _ in older_elements]
+
+        def elements_found(error, stored):
+            if error is not None:
+                self.out.reply(caller, Refused(error=UNAVAILABLE))
+                return
+            for fields in stored or ():
+                found[f"{fields['array_id']}_{fields['array_task']}"] = [Job(**fields).view(now)]
+            reply.jobs = [view for ref in refs for view in found.get(messages.shown_ref(ref), ())]
+            reply.missing = [messages.shown_ref(ref) for ref in refs if messages.shown_ref(ref) not in found]
+            self.out.reply(caller, reply)
 
         def done(error, stored):
             if error is not None:
                 self.out.reply(caller, Refused(error=UNAVAILABLE))
                 return
-            found.update((f["id"], Job(**f).view(now)) for f in stored or ())
-            reply.jobs = [found[i] for i in job_ids if i in found]
-            reply.missing = [i for i in job_ids if i not in found]
-            self.out.reply(caller, reply)
+            by_id = {f["id"]: Job(**f) for f in stored or ()}
+            found.update((job_id, [job.view(now)]) for job_id, job in by_id.items())
+            elements = []
+            for array_id, task in older_elements:
+                template = by_id.get(array_id)
+                position = arrays.position_of(template.tasks, task) if template and template.is_array else None
+                if position is None:
+                    continue
+                if arrays.is_split(template.array, position):
+                    elements.append(arrays.element_id(array_id, position))
+                else:                     # cancelled with its array before it could start: no record
+                    found[f"{array_id}_{task}"] = [never_started(template, position).view(now)]
+            if elements:
+                self.out.writer.read("find_history", (elements,), elements_found)
+            else:
+                elements_found(None, [])
         if older:
-            self.out.writer.read("find_history", (older,), done)
+            self.out.writer.read("find_history", (sorted(set(older)),), done)
         else:
             done(None, [])
+
+    def live_views(self, ref, now):
+        """What cminfo -j shows of a job the head holds: [] if none."""
+        job = self.queue.get(ref) if isinstance(ref, int) else None
+        if job is None:
+            template, position = (self.queue.array_holding(ref) if isinstance(ref, int)
+                                  else self.queue.array_element(*ref))
+            if template is None:
+                return []
+            job = self.queue.get(arrays.element_id(template.id, position))
+            if job is None and arrays.is_split(template.array, position):
+                return []                 # ended, and no longer in memory
+            if job is None and template.array["dropped"]:
+                job = never_started(template, position)
+            elif job is None:             # not split off yet: as it would start
+                job = new_element(template, position)
+                job.reason = template.reason
+        views = [job.view(now)]
+        if job.is_array and job.state == JobState.PENDING:
+            views += [self.queue.jobs[i].view(now) for i in sorted(job.elements)]
+        return views
 
     def info_all(self, caller, reply, limit, error, stored):
         """The live jobs and the latest `limit` ended ones, from memory and the history."""
@@ -249,16 +315,18 @@ class CliApi:
         ended.update(self.queue.ended)    # memory is newer than the database
         latest = sorted(ended, reverse=True)[:limit]
         now = self.wall()
-        shown = [ended[i] for i in latest] + list(self.queue.jobs.values())
-        reply.jobs = [job.view(now) for job in sorted(shown, key=lambda job: job.id)]
+        shown_jobs = [ended[i] for i in latest] + [job for job in self.queue.jobs.values() if shown(job)]
+        reply.jobs = [job.view(now) for job in sorted(shown_jobs, key=lambda job: job.id)]
         self.out.reply(caller, reply)
+
 
     # ---- cancel and wait ----
 
     def on_cancel(self, caller, msg):
         self.begin(caller, msg)
         who = user_name(caller.uid)
-        results = [self.queue.cancel(job_id, caller.uid, who) for job_id in msg.job_ids]
+        results = [{"job_id": messages.shown_ref(ref), **self.queue.cancel(ref, caller.uid, who)}
+                   for ref in msg.job_ids]
         # Answered once the cancellations are recorded: a cancelled job never comes back.
         self.out.writer.barrier(lambda error, _: self.answer(caller, msg, Cancelled(results=results)))
 
@@ -266,7 +334,8 @@ class CliApi:
         """cmctl hold or release: answered once recorded, so a head restart keeps it."""
         self.begin(caller, msg)
         held = msg.OP == Op.HOLD
-        results = [self.queue.hold(job_id, caller.uid, held) for job_id in msg.job_ids]
+        results = [{"job_id": messages.shown_ref(ref), **self.queue.hold(ref, caller.uid, held)}
+                   for ref in msg.job_ids]
         self.out.writer.barrier(lambda error, _: self.answer(caller, msg, Changed(results=results)))
 
     def on_wait(self, caller, msg):
@@ -284,3 +353,16 @@ class CliApi:
             self.out.writer.read("find_history", ([job_id],), done)
         else:
             self.out.reply(caller, Refused(error=f"job {job_id}: no such job"))
+
+
+def shown(job):
+    """Whether the list of live jobs shows job: an array's template only while some of
+    its elements have not started (its own elements show the rest)."""
+    return not job.is_array or arrays.unsplit_count(job.array) > 0
+
+
+def never_started(template, position):
+    """An element its array's cancel ended before it was split off (it has no record)."""
+    job = new_element(template, position)
+    job.state, job.reason, job.end_time = JobState.CANCELLED, "its array was cancelled before it started", template.end_time
+    return job

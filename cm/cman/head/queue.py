@@ -10,6 +10,11 @@ they hold, and what happens to each, from placement to its end.
     a job is reaped    apply_task_ends() -> finish_job() once every task has
                        been reported ended: requeued, or retired to the history
 
+An array (arrays.py) waits in the queue as one entry, its template: each
+pass splits off as many elements as fit (and as its %K allows), and each
+element then lives as a job of its own; the template ends, with their
+summary, once the last of them has.
+
 Nothing here touches a socket or the database: what must be sent or written
 goes to `out` (out.send, out.writer), and what the writer reports durable
 comes back as a callback. Every change of a job's state goes through
@@ -19,7 +24,7 @@ import bisect
 import collections
 import logging
 
-from .. import depend
+from .. import arrays, depend
 from .. import jobs as lifecycle
 from .. import messages, placement, units
 from ..vocab import EndCause, JobState, NodeState, PendingReason
@@ -43,6 +48,7 @@ class JobQueue:
         self.triggers = set()            # why the next placement pass runs
         self.active_by_uid = collections.Counter()   # uid -> its pending and running jobs
         self.dependents = collections.defaultdict(set)   # job id -> pending jobs that depend on it
+        self.arrays = {}                 # id -> the template of a live array
         self.on_retired = lambda job: None   # the CLI API tells those who wait for it
 
     def get(self, job_id):
@@ -56,10 +62,18 @@ class JobQueue:
     # ---- entering and leaving ----
 
     def add(self, job):
-        """A job the database holds: accepted now (PENDING), or restored at start."""
+        """A job the database holds: accepted now (PENDING), or restored at start. An
+        array counts as one of its user's active jobs, its elements as none more."""
         self.jobs[job.id] = job
-        self.active_by_uid[job.uid] += 1
-        if job.state == JobState.PENDING:
+        if job.array_id is None:
+            self.active_by_uid[job.uid] += 1
+        else:
+            self.arrays[job.array_id].elements.add(job.id)
+        if job.is_array:
+            self.arrays[job.id] = job
+        if job.is_array and not arrays.unsplit_count(job.array):
+            pass                          # every element split off already: it waits for their ends
+        elif job.state == JobState.PENDING:
             bisect.insort(self.pending, job.id)
             self.triggers.add("submit")
             if job.dependency:
@@ -70,14 +84,20 @@ class JobQueue:
 
     def retire(self, job):
         """A job reached its final state: recorded in the history, out of the working set, waiters told."""
-        self.out.writer.end_job(job.stored())
-        if self.jobs.pop(job.id, None) is not None:
+        fields = job.stored()
+        if job.array_id is not None:
+            fields["script"] = job.script[:2]      # the template's record has it whole
+        self.out.writer.end_job(fields)
+        if self.jobs.pop(job.id, None) is not None and job.array_id is None:
             self.active_by_uid[job.uid] -= 1
+        self.arrays.pop(job.id, None)
         self.dependency_changed(job)
         self.remember_ended(job)
         self.on_retired(job)
-        log.info("job %d %s, exit code %d%s", job.id, job.state, job.exit_code,
-                 f", signal {job.exit_signal}" if job.exit_signal else "")
+        log.info("%s %d %s, exit code %d%s", "array" if job.is_array else "job", job.id, job.state,
+                 job.exit_code, f", signal {job.exit_signal}" if job.exit_signal else "")
+        if job.array_id is not None:
+            self.element_ended(job)
 
     def remember_ended(self, job):
         """Keep the latest ended jobs at hand, without their environments and scripts (the largest
@@ -117,10 +137,18 @@ class JobQueue:
             return
         candidates = self.ready_to_place()
         placements, waiting = placement.place(candidates, self.nodes.free())
+        started = set()
         for job, names in placements:
+            if job.is_array:              # a template: its next element starts
+                template, job = job, self.split_next(job)
+                if job is None:
+                    continue
+                if template.id not in waiting:    # all it might start have: its %K holds the rest
+                    template.reason = PendingReason.ARRAY_LIMIT
+            else:
+                started.add(job.id)
             self.start_job(job, names)
-        if placements:
-            started = {job.id for job, _ in placements}
+        if started:
             self.pending = [i for i in self.pending if i not in started]
         for job_id, reason in waiting.items():
             job = self.jobs[job_id]
@@ -134,6 +162,7 @@ class JobQueue:
         asked for it (--kill-on-invalid-dep) is cancelled."""
         ready, invalid = [], []
         singletons = None
+        slots = {}                        # array id -> elements it may start yet (its %K)
         for job_id in self.pending:
             job = self.jobs[job_id]
             if job.held:
@@ -155,6 +184,10 @@ class JobQueue:
                         job.reason = PendingReason.DEPENDENCY
                         continue
                     singletons.add((job.uid, job.name))
+            if job.is_array or job.array_id is not None:
+                if not self.take_slots(job, slots):
+                    job.reason = PendingReason.ARRAY_LIMIT     # %K of its elements run already
+                    continue
             ready.append(job)
         for job in invalid:
             self.pending.remove(job.id)
@@ -163,11 +196,186 @@ class JobQueue:
             self.retire(job)
         return ready
 
+    # ---- arrays ----
+
+    def array_slots(self, job, slots):
+        """How many elements of job's array (job: its template, or a pending element) may
+        start in this pass: its unsplit ones (for a template), within its %K."""
+        template = job if job.is_array else self.arrays[job.array_id]
+        if template.id not in slots:
+            limit = template.array["limit"]
+            running = sum(1 for e in template.elements if self.jobs[e].state == JobState.RUNNING)
+            slots[template.id] = limit - running if limit else None
+        may = slots[template.id]
+        if job.is_array:
+            left = arrays.unsplit_count(job.array)
+            return left if may is None else min(left, may)
+        return 1 if may is None else min(1, may)
+
+    def take_slots(self, job, slots):
+        """job (a template or an element) is a candidate for as many elements as it may
+        start (its repeat, for placement): those slots are spoken for. Returns how many."""
+        template_id = job.id if job.is_array else job.array_id
+        job.repeat = self.array_slots(job, slots)
+        if slots[template_id] is not None:
+            slots[template_id] -= job.repeat
+        return job.repeat
+
+    def array_holding(self, job_id):
+        """(template, position) of the live array an element id belongs to, or (None, None)."""
+        for template in self.arrays.values():
+            if template.id < job_id <= template.id + template.array["count"]:
+                return template, job_id - template.id - 1
+        return None, None
+
+    def label(self, job_id):
+        """A live job's id as users name it: 7, or 12_7 for an array's element."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.array_id is not None:
+            return f"{job.array_id}_{job.array_task}"
+        return str(job_id)
+
+    def array_element(self, array_id, task):
+        """(template, position) of a live array's task, or (None, None)."""
+        template = self.arrays.get(array_id)
+        position = arrays.position_of(template.tasks, task) if template is not None else None
+        return (template, position) if position is not None else (None, None)
+
+    def split_next(self, template):
+        """The next element of an array, split off to start now; None if its template
+        does not verify (it runs nothing more)."""
+        if not self.sealer.verify(template):
+            log.error("array %d: %s", template.id, ALTERED)
+            template.reason = ALTERED
+            self.drop_unsplit(template)
+            return None
+        return self.split_off(template, arrays.take_next(template.array))
+
+    def split_off(self, template, position, early=False):
+        """Make the element at position a job of its own: recorded with its own fields (its
+        template keeps the command, environment and script). early: out of order, pending
+        (held or cancelled on its own)."""
+        if early:
+            arrays.take(template.array, position)
+        element = lifecycle.new_element(template, position)
+        element.seal = self.sealer.seal(element)
+        self.jobs[element.id] = element
+        template.elements.add(element.id)
+        self.write_job(element, lifecycle.ELEMENT_FIELDS)
+        if early:
+            bisect.insort(self.pending, element.id)
+        self.array_split(template)
+        return element
+
+    def array_split(self, template):
+        """Its split state changed: recorded; out of the queue once no element is left in it
+        (those that depend on it with after: learn that every element has started)."""
+        self.write_job(template, ("array",))
+        if not arrays.unsplit_count(template.array) and template.id in self.pending:
+            self.pending.remove(template.id)
+            self.dependency_changed(template)
+
+    def drop_unsplit(self, template):
+        """Its elements not yet split off will never run (cancelled with the array): those
+        that depend on one of them learn so."""
+        if template.array["dropped"]:
+            return
+        template.array["dropped"] = True
+        self.array_split(template)
+        for job_id in [d for d in self.dependents if template.id < d <= template.id + template.array["count"]
+                       and d not in self.jobs]:
+            self.tell_dependents(job_id, JobState.CANCELLED)
+        self.retire_array_if_done(template)
+
+    def element_ended(self, element):
+        template = self.arrays.get(element.array_id)
+        if template is None:
+            return
+        template.elements.discard(element.id)
+        ended = template.array["ended"]
+        ended[element.state] = ended.get(element.state, 0) + 1
+        template.exit_code = max(template.exit_code, element.exit_code)
+        if element.exit_signal:
+            template.exit_signal = max(template.exit_signal or 0, element.exit_signal)
+        self.write_job(template, ("array", "exit_code", "exit_signal"))
+        if template.array["limit"]:
+            self.triggers.add(f"array {template.id} may start another element")
+        self.retire_array_if_done(template)
+
+    def retire_array_if_done(self, template):
+        """Once every element has ended, the array ends with their summary."""
+        if template.state == JobState.PENDING and not template.elements and not arrays.unsplit_count(template.array):
+            state = lifecycle.array_final_state(template)
+            reason = arrays.summary(template.array)
+            if template.reason.startswith("cancelled by") or template.reason == ALTERED:
+                reason = f"{template.reason}; {reason}"
+            lifecycle.transition(template, state, self.wall(), reason)
+            self.retire(template)
+
+    def array_restored(self, template):
+        """A head's start: an array whose elements were split off, each, before it stopped is
+        out of the queue; one whose last element's end was recorded, and not its own, ends."""
+        if not arrays.unsplit_count(template.array) and template.id in self.pending:
+            self.pending.remove(template.id)
+        self.retire_array_if_done(template)
+
+    def resolve(self, ref, split=False):
+        """The live job a reference names, (job, None), or (None, why not). ref: a job id,
+        or (array id, task id). With split, an element not yet split off its array is,
+        early, to be held or cancelled on its own."""
+        if isinstance(ref, int):
+            job = self.jobs.get(ref)
+            if job is not None:
+                return job, None
+            template, position = self.array_holding(ref)
+            if template is None:
+                return None, self.why_gone(ref)
+        else:
+            array_id, task = ref
+            template = self.arrays.get(array_id)
+            if template is None:
+                ended = self.ended.get(array_id)
+                if (ended is not None and not ended.is_array) or not self.exists(array_id):
+                    return None, f"no array {array_id}"
+                return None, "already ended"
+            position = arrays.position_of(template.tasks, task)
+            if position is None:
+                return None, f"array {array_id} has no task {task} (its tasks: {arrays.fold(template.tasks)})"
+            job = self.jobs.get(arrays.element_id(array_id, position))
+            if job is not None:
+                return job, None
+        if arrays.is_split(template.array, position):
+            return None, self.why_gone(arrays.element_id(template.id, position))
+        if template.array["dropped"]:
+            return None, f"already ended ({JobState.CANCELLED})"
+        if not split:
+            return None, "not started yet"
+        return self.split_off(template, position, early=True), None
+
+    def why_gone(self, job_id):
+        ended = self.ended.get(job_id)
+        if ended is not None:
+            return f"already ended ({ended.state})"
+        return "already ended" if self.exists(job_id) else "no such job"
+
     # ---- dependencies ----
+
+    @staticmethod
+    def dependency_state(job):
+        """The state others depending on job see: an array's is that of all its elements
+        (RUNNING once every one has started, then its summary)."""
+        if job.is_array and job.state == JobState.PENDING and not arrays.unsplit_count(job.array):
+            return JobState.RUNNING
+        return job.state
 
     def known_state(self, job_id):
         job = self.get(job_id)
-        return job.state if job is not None else None
+        if job is not None:
+            return self.dependency_state(job)
+        template, position = self.array_holding(job_id)
+        if template is not None and not arrays.is_split(template.array, position):
+            return JobState.CANCELLED if template.array["dropped"] else JobState.PENDING
+        return None
 
     def watch_dependencies(self, job):
         """Follow the jobs a pending job depends on; those the head no longer holds in memory
@@ -201,23 +409,27 @@ class JobQueue:
         self.triggers.add(f"job {job_id}'s dependencies found")
 
     def dependency_changed(self, dep):
-        """A job others depend on started or ended: they learn its state (its end is recorded
-        with them, so that it is known after a restart however long ago it was)."""
-        waiting = self.dependents.get(dep.id)
+        """A job others depend on started or ended."""
+        self.tell_dependents(dep.id, self.dependency_state(dep))
+
+    def tell_dependents(self, dep_id, state):
+        """Those that depend on job dep_id learn its state (its end is recorded with them,
+        so that it is known after a restart however long ago it was)."""
+        waiting = self.dependents.get(dep_id)
         if not waiting:
             return
         for job_id in sorted(waiting):
             job = self.jobs.get(job_id)
-            if job is None or job.state != JobState.PENDING:
+            if job is None or job.state != JobState.PENDING or not job.dependency:
                 continue
             for term in job.dependency["terms"]:
-                if term["job"] == dep.id:
-                    term["state"] = dep.state
-            if dep.state in JobState.FINAL:
+                if term["job"] == dep_id:
+                    term["state"] = state
+            if state in JobState.FINAL:
                 self.write_job(job, ("dependency",))
-        if dep.state in JobState.FINAL:
-            del self.dependents[dep.id]
-        self.triggers.add(f"job {dep.id} {dep.state}")
+        if state in JobState.FINAL:
+            del self.dependents[dep_id]
+        self.triggers.add(f"job {dep_id} {state}")
 
     def start_job(self, job, names):
         job.node_list = names
@@ -252,7 +464,12 @@ class JobQueue:
         log.info("job %d started on %s (attempt %d)", job.id, ",".join(job.node_list), attempt)
 
     def send_launch(self, job, node_rank, ranks):
-        self.out.send(job.node_list[node_rank], messages.Launch(
+        array = None
+        if job.array_id is not None:
+            template = self.arrays[job.array_id]
+            array = {"job": job.array_id, "task": job.array_task, "count": template.array["count"],
+                     "min": template.tasks[0], "max": template.tasks[-1]}
+        self.out.send(job.node_list[node_rank], messages.Launch(array=array,
             job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=node_rank,
             nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
             env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit,
@@ -358,49 +575,65 @@ class JobQueue:
                 self.out.send(name, messages.Kill(job=job.id, attempt=job.attempt, reason=why))
         return True
 
-    def hold(self, job_id, uid, held):
-        """Hold a pending job back from starting, or release it; returns its line of the reply."""
-        job = self.jobs.get(job_id)
+    def hold(self, ref, uid, held):
+        """Hold a pending job back from starting, or release it; returns its line of the reply.
+        An array: its elements not yet started, each pending one and those not split off."""
+        job, why = self.resolve(ref, split=True)
         if job is None:
-            why = "already ended" if self.exists(job_id) else "no such job"
-            return {"job_id": job_id, "ok": False, "error": why}
+            return {"ok": False, "error": why}
         if uid not in (0, job.uid):
-            return {"job_id": job_id, "ok": False, "error": f"permission denied: it belongs to {job.user}"}
+            return {"ok": False, "error": f"permission denied: it belongs to {job.user}"}
         if job.state != JobState.PENDING:
-            return {"job_id": job_id, "ok": False, "error": f"it is {job.state}: only a pending job is held"}
+            return {"ok": False, "error": f"it is {job.state}: only a pending job is held"}
+        if job.is_array:
+            for element_id in sorted(job.elements):
+                element = self.jobs[element_id]
+                if element.state == JobState.PENDING:
+                    self.hold_job(element, held)
+        self.hold_job(job, held)
+        return {"ok": True}
+
+    def hold_job(self, job, held):
         if job.held != held:
             job.held = held
             job.reason = PendingReason.HELD if held else ""
             self.write_job(job, ("held", "reason"))
             if not held:
-                self.triggers.add(f"job {job_id} released")
-        return {"job_id": job_id, "ok": True}
+                self.triggers.add(f"job {job.id} released")
 
-    def cancel(self, job_id, uid, who):
-        """cmkill of one job by uid (whose name is who); returns its line of the reply."""
-        job = self.jobs.get(job_id)
+    def cancel(self, ref, uid, who):
+        """cmkill of one job (or array, or array element) by uid (whose name is who);
+        returns its line of the reply."""
+        job, why = self.resolve(ref, split=True)
         if job is None:
-            ended = self.ended.get(job_id)
-            if ended is not None:
-                why = f"already ended ({ended.state})"
-            else:
-                why = "already ended" if self.exists(job_id) else "no such job"
-            return {"job_id": job_id, "ok": False, "error": why}
+            return {"ok": False, "error": why}
         if uid not in (0, job.uid):
-            return {"job_id": job_id, "ok": False, "error": f"permission denied: it belongs to {job.user}"}
+            return {"ok": False, "error": f"permission denied: it belongs to {job.user}"}
+        if job.is_array:
+            return self.cancel_array(job, uid, who)
         if job.state == JobState.PENDING:
             # PENDING -> CANCELLED: nothing runs yet, so it ends now.
-            self.pending.remove(job_id)
+            self.pending.remove(job.id)
             lifecycle.transition(job, JobState.CANCELLED, self.wall(), reason=f"cancelled by {who}")
             self.retire(job)
-            self.triggers.add(f"job {job_id} cancelled")   # a job behind it may start now
-            return {"job_id": job_id, "ok": True, "state": job.state}
+            self.triggers.add(f"job {job.id} cancelled")   # a job behind it may start now
+            return {"ok": True, "state": job.state}
         # RUNNING: ask its nodes to stop it; it ends CANCELLED when they report. Recorded
         # (the caller's answer waits for it), so that a head restarted meanwhile still stops it.
         if self.doom(job, JobState.CANCELLED, f"cancelled by {who}"):
             self.write_job(job, ("fate", "reason"))
-        log.info("job %d: cancel requested by %s", job_id, who)
-        return {"job_id": job_id, "ok": True, "state": JobState.CANCELLING}
+        log.info("job %d: cancel requested by %s", job.id, who)
+        return {"ok": True, "state": JobState.CANCELLING}
+
+    def cancel_array(self, template, uid, who):
+        """Every element: those not split off never start, the others are cancelled."""
+        template.reason = f"cancelled by {who}"
+        self.drop_unsplit(template)
+        for element_id in sorted(template.elements):
+            self.cancel(element_id, uid, who)
+        self.retire_array_if_done(template)
+        log.info("array %d: cancel requested by %s", template.id, who)
+        return {"ok": True, "state": template.state if template.state in JobState.FINAL else JobState.CANCELLING}
 
     def apply_task_ends(self, node_name, reports):
         touched = {}

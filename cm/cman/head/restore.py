@@ -6,6 +6,7 @@ of a lost node at once.
 """
 import logging
 
+from .. import arrays
 from ..jobs import Job
 from ..vocab import JobState, NodeState
 from .nodes import LIVENESS, Node
@@ -30,7 +31,11 @@ def restore(core, state):
         core.queue.remember_ended(Job(**fields))
     altered = []
     sealer = core.queue.sealer
-    for _, fields in sorted(state["jobs"].items()):
+    for _, fields in sorted(state["jobs"].items()):   # an array's template before its elements
+        if fields.get("array_id") is not None:
+            fields = element_fields(core.queue, fields)
+            if fields is None:
+                continue
         job = Job(**fields)
         if job.seal is None and sealer.key is not None and core.cfg.seal_unsealed_jobs:
             job.seal = sealer.seal(job)   # queued before jobs were sealed: trusted as stored, once
@@ -40,6 +45,8 @@ def restore(core, state):
         core.queue.add(job)
         if job.state == JobState.RUNNING and not core.queue.sealer.verify(job):
             altered.append(job)           # a pending one fails at its launch
+    for template in list(core.queue.arrays.values()):
+        core.queue.array_restored(template)
     for job in altered:
         log.error("job %d: %s", job.id, ALTERED)
         core.queue.doom(job, JobState.FAILED, ALTERED)
@@ -50,3 +57,18 @@ def restore(core, state):
     log.info("loaded %d nodes, %d pending and %d running jobs; next job id %d",
              len(core.nodes.by_name), pending, len(core.queue.jobs) - pending, state["next_job_id"])
     core.queue.triggers.add("head start")
+
+
+def element_fields(queue, fields):
+    """An array element's record with what its template keeps (command, environment, ...);
+    its position marked split off, should the template's record of that have been lost
+    (a head stopped between the two). None if its template is gone (it is left out)."""
+    template = queue.arrays.get(fields["array_id"])
+    if template is None:
+        log.error("job %d is an element of array %d, which the database does not hold; left out",
+                  fields["id"], fields["array_id"])
+        return None
+    position = fields["id"] - template.id - 1
+    if not arrays.is_split(template.array, position) and 0 <= position < template.array["count"]:
+        arrays.take(template.array, position)
+    return dict(fields, **{f: getattr(template, f) for f in arrays.SHARED_FIELDS})
