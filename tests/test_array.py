@@ -19,7 +19,22 @@ ECHO_ENV = 'echo "$CM_ARRAY_JOB_ID $CM_ARRAY_TASK_ID $CM_ARRAY_TASK_COUNT $CM_AR
     ("0-999%50", list(range(1000)), 50), ("7", [7], 0), ("3,1,2-3", [1, 2, 3], 0),
 ])
 def test_the_forms_parse(spec, tasks, limit):
-    assert arrays.parse(spec, 100001) == (tasks, limit)
+    parsed, parsed_limit = arrays.parse(spec, 100001)
+    assert (list(parsed), parsed_limit) == (tasks, limit)
+    assert [parsed[i] for i in range(len(tasks))] == tasks and parsed[-1] == tasks[-1]
+    assert all(parsed.position(t) == i for i, t in enumerate(tasks)) and parsed.position(tasks[-1] + 1) is None
+    assert list(arrays.parse(parsed.spec(), 2**53)[0]) == tasks      # the stored form says the same
+
+
+def test_a_large_array_is_kept_by_its_runs_not_its_elements():
+    tasks, _ = arrays.parse("0-100000", 100001)
+    assert tasks.runs == [(0, 1, 100001)] and len(tasks) == 100001 and tasks.position(77777) == 77777
+    state = arrays.new_state("0-100000", tasks, 0)
+    arrays.take(state, 5)
+    arrays.take(state, 9)
+    assert arrays.take_next(state) == 0
+    assert arrays.fold_runs(arrays.pending_runs(tasks, state)) == "1-4,6-8,10-100000"
+    assert arrays.unsplit_count(state) == 100001 - 3
 
 
 @pytest.mark.parametrize("spec, message", [

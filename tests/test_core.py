@@ -565,3 +565,18 @@ def test_a_head_restarted_mid_array_runs_no_element_twice_and_the_array_ends_onc
     template = core.queue.get(0)
     assert template.state == "COMPLETED" and template.array["ended"] == {"COMPLETED": 5}
     assert 0 not in writer.live and not writer.live
+
+
+def test_elements_acted_on_one_by_one_before_they_start_are_bounded(monkeypatch):
+    monkeypatch.setattr("cman.arrays.MAX_EARLY", 2)
+    core, out, writer, clock = new_core()
+    register(core)
+    submit(core, ALICE, array="0-100000")
+    writer.complete()
+    request(core, ALICE, Op.CANCEL, "c1", job_ids=["0_7", "0_9", "0_11", "0_0"])
+    writer.complete()
+    results = out.replies[-1][1]["results"]
+    assert [r["ok"] for r in results] == [True, True, False, True]    # the next in order is no early one
+    assert "act on the whole array (0)" in results[2]["error"]
+    template = core.queue.get(0)
+    assert template.array["split"] == [7, 9] and template.array["next"] == 1

@@ -15,13 +15,18 @@ off the template one by one as they are placed; until then the template
 stands for all of them (one line in cminfo, 12_[5-999]), and the database
 holds nothing per element.
 
-The template's stored "array" field: {"spec", "limit", "count", "next" (the
+The template's stored "array" field: {"spec" (as typed), "tasks" (exactly its
+tasks, as a spec without overlaps), "limit", "count", "next" (the
 first position not yet split off), "split" (positions past "next" split off
 early: held or cancelled by a user), "dropped" (the rest was cancelled),
 "ended" ({state: elements that ended so})}; its exit code and signal are the
 highest of its elements'.
 """
 import bisect
+
+# Elements of an array that may be split off early (held or cancelled on their own before
+# they start): each is remembered in the template's record, which is written whole.
+MAX_EARLY = 1000
 
 # The longest spec cm reads.
 MAX_SPEC = 10000
@@ -36,8 +41,8 @@ class ArraySpecError(ValueError):
 
 
 def parse(text, max_size):
-    """'0-999%50' -> (sorted task ids, limit; 0: none). max_size: the most elements an array
-    may have, and one more than its highest task id (Slurm's MaxArraySize)."""
+    """'0-999%50' -> (its tasks, a Tasks; the limit, 0 for none). max_size: the most elements
+    an array may have, and one more than its highest task id (Slurm's MaxArraySize)."""
     if not isinstance(text, str) or not text or len(text) > MAX_SPEC:
         raise ArraySpecError("want a spec such as 0-999, 1,3,5-7, 0-99:4 or 0-999%50")
     spec, sep, limit_text = text.partition("%")
@@ -46,18 +51,21 @@ def parse(text, max_size):
         limit = _number(limit_text, text, "the most running at once")
         if limit < 1:
             raise ArraySpecError(f"{text!r}: %{limit_text} must be at least 1")
-    ranges, count = [], 0
+    runs, count = [], 0
     for part in spec.split(","):
         first, step, last = _range(part, text)
         if last >= max_size:
             raise ArraySpecError(f"{text!r}: task {last} is over the highest allowed, {max_size - 1} "
                                  f"(max_array_size = {max_size})")
-        count += (last - first) // step + 1
+        n = (last - first) // step + 1
+        count += n
         if count > max_size:
             raise ArraySpecError(f"{text!r}: more than {max_size} elements (max_array_size)")
-        ranges.append((first, step, last))
-    tasks = sorted({t for first, step, last in ranges for t in range(first, last + 1, step)})
-    return tasks, limit
+        runs.append((first, step, n))
+    runs.sort()
+    if any(a[0] + a[1] * (a[2] - 1) >= b[0] for a, b in zip(runs, runs[1:])):    # overlapping: rare
+        runs = runs_of(sorted({first + step * i for first, step, n in runs for i in range(n)}))
+    return Tasks(runs), limit
 
 
 def _number(word, text, what):
@@ -82,66 +90,134 @@ def _range(part, text):
     return first, step, last
 
 
-def fold(tasks, limit=0, chars=FOLD_CHARS):
-    """Sorted task ids as squeue folds them: [1, 3, 5, 6, 7, 20, 30, 40] -> '1,3,5-7,20-40:10';
-    with '%K' for a limit; cut at about chars characters with ',...'."""
-    runs, i = [], 0                       # consecutive runs first: [first, last, step]
-    while i < len(tasks):
+class Tasks:
+    """An array's task ids, sorted and distinct, kept as runs (first, step, count): what they
+    cost in memory and time follows the spec's length, not the number of elements."""
+
+    def __init__(self, runs):
+        self.runs = [tuple(run) for run in runs]
+        self.starts, total = [], 0        # the position of each run's first task
+        for _, _, n in self.runs:
+            self.starts.append(total)
+            total += n
+        self.count = total
+        self.firsts = [first for first, _, _ in self.runs]
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, position):
+        if position < 0:
+            position += self.count
+        if not 0 <= position < self.count:
+            raise IndexError(position)
+        i = bisect.bisect_right(self.starts, position) - 1
+        first, step, _ = self.runs[i]
+        return first + step * (position - self.starts[i])
+
+    def __iter__(self):
+        for first, step, n in self.runs:
+            yield from range(first, first + step * n, step)
+
+    def position(self, task):
+        """The position of a task id, or None if the array has no such task."""
+        i = bisect.bisect_right(self.firsts, task) - 1
+        if i < 0:
+            return None
+        first, step, n = self.runs[i]
+        offset, remainder = divmod(task - first, step)
+        return self.starts[i] + offset if remainder == 0 and offset < n else None
+
+    def runs_from(self, position, skip=()):
+        """The runs of the tasks at position and after, less the positions in skip (sorted)."""
+        skip = list(skip)
+        for (first, step, n), start in zip(self.runs, self.starts):
+            lo, hi = max(position, start), start + n          # positions lo .. hi-1 of this run
+            while lo < hi:
+                while skip and skip[0] < lo:
+                    skip.pop(0)
+                cut = skip[0] if skip and skip[0] < hi else hi
+                if cut > lo:
+                    yield first + step * (lo - start), step, cut - lo
+                lo = cut + 1 if cut < hi else hi
+
+    def spec(self):
+        """A spec of exactly these tasks, without overlaps (parsed again without expanding)."""
+        return ",".join(_run_text(first, step, n, exact=True) for first, step, n in self.runs)
+
+
+def runs_of(ids):
+    """Sorted distinct ids as runs: consecutive ones first, then lone ones at an even step."""
+    runs, i = [], 0
+    while i < len(ids):
         j = i
-        while j + 1 < len(tasks) and tasks[j + 1] == tasks[j] + 1:
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
             j += 1
-        runs.append([tasks[i], tasks[j], 1])
+        runs.append([ids[i], 1, j - i + 1])
         i = j + 1
-    merged = []                           # then lone tasks at an even step, three or more
+    merged = []
     for run in runs:
         last = merged[-1] if merged else None
-        if run[0] == run[1] and last is not None:
-            if last[0] == last[1]:                     # two lone tasks: a step begins
-                last[1], last[2] = run[0], run[0] - last[0]
+        if run[2] == 1 and last is not None:
+            if last[2] == 1:                                   # two lone ids: a step begins
+                last[1], last[2] = run[0] - last[0], 2
                 continue
-            if last[2] > 1 and run[0] - last[1] == last[2]:   # the step goes on
-                last[1] = run[0]
+            if last[1] > 1 and run[0] == last[0] + last[1] * last[2]:   # the step goes on
+                last[2] += 1
                 continue
         merged.append(run)
+    return merged
+
+
+def _run_text(first, step, n, exact=False):
+    last = first + step * (n - 1)
+    if n == 1:
+        return str(first)
+    if step == 1:
+        return f"{first}-{last}"
+    if n == 2 and not exact:
+        return f"{first},{last}"
+    return f"{first}-{last}:{step}"
+
+
+def fold(tasks, limit=0, chars=FOLD_CHARS):
+    """Sorted task ids (or a Tasks) as squeue folds them: [1, 3, 5, 6, 7] -> '1,3,5-7';
+    with '%K' for a limit; cut at about chars characters with ',...'."""
+    runs = tasks.runs if isinstance(tasks, Tasks) else runs_of(list(tasks))
+    return fold_runs(runs, limit, chars)
+
+
+def fold_runs(runs, limit=0, chars=FOLD_CHARS):
     parts, length = [], 0
-    for first, last, step in merged:
+    for first, step, n in runs:
         if length > chars:
             parts.append("...")
             break
-        if step > 1 and (last - first) // step < 2:    # only two: each on its own
-            parts += [str(first), str(last)]
-        elif first == last:
-            parts.append(str(first))
-        else:
-            parts.append(f"{first}-{last}" + (f":{step}" if step > 1 else ""))
+        parts.append(_run_text(first, step, n))
         length += len(parts[-1]) + 1
     return ",".join(parts) + (f"%{limit}" if limit else "")
+
+
+def tasks_of(state):
+    """The Tasks of a template's stored state."""
+    return parse(state.get("tasks") or state["spec"].partition("%")[0], 2**53)[0]
 
 
 def element_id(array_id, position):
     return array_id + 1 + position
 
 
-def position_of(tasks, task):
-    """The position of a task id in the array, or None if the array has no such task."""
-    i = bisect.bisect_left(tasks, task)
-    return i if i < len(tasks) and tasks[i] == task else None
+def new_state(spec, tasks, limit):
+    """A new template's "array" field (its tasks as an exact spec without overlaps)."""
+    return {"spec": spec, "tasks": tasks.spec(), "limit": limit, "count": len(tasks), "next": 0, "split": [],
+            "dropped": False, "ended": {}}
 
 
-def new_state(spec, limit, count):
-    """A new template's "array" field."""
-    return {"spec": spec, "limit": limit, "count": count, "next": 0, "split": [], "dropped": False,
-            "ended": {}}
-
-
-def unsplit_positions(state):
-    """The positions not yet split off (none once the rest was dropped), in order."""
+def pending_runs(tasks, state):
+    """The runs of the tasks not yet split off."""
     if state["dropped"]:
-        return
-    early = set(state["split"])
-    for position in range(state["next"], state["count"]):
-        if position not in early:
-            yield position
+        return iter(())
+    return tasks.runs_from(state["next"], state["split"])
 
 
 def unsplit_count(state):

@@ -62,6 +62,7 @@ class Compute:
                  ",".join(self.containment.controllers))
         self.runner = Runner(name, cfg.kill_grace, clock, self.containment, watch=self.watch_fd)
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
+        self.state_changed = False        # the state file is behind: written at the end of the step
         self.recent_ends = collections.OrderedDict()   # tasks ended here lately: a repeated launch
                                                        # of one (resent by the head) runs nothing
         self.resend_ends_at = None        # when the unacknowledged ends are sent again
@@ -150,6 +151,11 @@ class Compute:
         self.save_state()
 
     def save_state(self):
+        """What runs here and what ended unacknowledged, in the state file (a restarted daemon
+        reads it). Written before ends are reported; launches and acknowledgements mark it to be
+        written at the end of the loop's step, once for all of them (a file write costs
+        milliseconds, and a burst of launches is many)."""
+        self.state_changed = False
         running = [{"job": j, "attempt": a, "rank": r, "pid": pid, "create_time": created}
                    for (j, a, r), (pid, created) in self.runner.records().items()]
         tmp = self.state_path + ".tmp"
@@ -229,6 +235,8 @@ class Compute:
             else:
                 self.runner.on_report(item)
         self.collect_ended()
+        if self.state_changed:
+            self.save_state()
         now = self.clock()
         if self.fenced_for != self.last_heard and now - self.last_heard >= self.fence_after():
             self.fence(now)
@@ -368,8 +376,8 @@ class Compute:
                 return
         log.info("job %d: starting ranks %s", msg.job, _span(msg.ranks))
         failed = self.runner.launch(msg)
-        self.save_state()
-        self.report(failed)
+        self.state_changed = True         # written at the end of this step (a task that starts
+        self.report(failed)               # meanwhile dies with this daemon: PDEATHSIG)
 
     def on_kill(self, msg):
         log.info("job %d: stopping (%s)", msg.job, msg.reason)
@@ -378,7 +386,7 @@ class Compute:
     def on_ended_ack(self, msg):
         for k in msg.keys:
             self.unacked.pop((k["job"], k["attempt"], k["rank"]), None)
-        self.save_state()
+        self.state_changed = True
 
     def collect_ended(self):
         self.report(self.runner.reap())

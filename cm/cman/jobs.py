@@ -67,7 +67,7 @@ class Job:
         self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
         self.__dict__.update(fields)   # cancel asked before a head restart still ends it after
         if self.array is not None:     # a template: its task ids, and its elements in memory
-            self.tasks, _ = arrays.parse(self.array["spec"], 2**53)
+            self.tasks = arrays.tasks_of(self.array)
             self.elements = set()
         self.launched = self.state == JobState.RUNNING   # a job stored RUNNING was launched
         self.outstanding = {}          # node name -> ranks not yet reported ended
@@ -101,10 +101,9 @@ class Job:
         out["ntasks"] = self.ntasks
         if self.array is not None:
             state = self.array
-            pending = [self.tasks[p] for p in arrays.unsplit_positions(state)]
             out["array"] = {"count": state["count"], "limit": state["limit"], "ended": dict(state["ended"]),
-                            "pending": arrays.fold(pending), "pending_count": len(pending),
-                            "tasks": arrays.fold(self.tasks)}
+                            "pending": arrays.fold_runs(arrays.pending_runs(self.tasks, state)),
+                            "pending_count": arrays.unsplit_count(state), "tasks": arrays.fold(self.tasks)}
         return out
 
     @property

@@ -472,16 +472,13 @@ class Runner:
         """Processes of the task outside its group: descendants that made their own
         session, and orphans of the task that came to us."""
         found = []
-        try:
-            found += [p for p in psutil.Process(task.pid).children(recursive=True) if _pgid(p) != task.pid]
-        except psutil.Error:
-            pass
-        try:
-            ours = psutil.Process().children()
-        except psutil.Error:
-            ours = []
-        for child in ours:
-            if child.pid not in self.by_pid and _task_key(child) == task.key:
+        if task.pid in self.by_pid:       # not yet reaped (a reaped one's children came to us)
+            try:
+                found += [p for p in psutil.Process(task.pid).children(recursive=True) if _pgid(p) != task.pid]
+            except psutil.Error:
+                pass
+        for child in _own_children(exclude=self.by_pid):
+            if _task_key(child) == task.key:
                 found.append(child)
                 try:
                     found += child.children(recursive=True)
@@ -543,9 +540,15 @@ class Runner:
             del self.tasks[task.key]
             code = os.waitstatus_to_exitcode(status)
             self._read_report(task)           # all it wrote is there: it has exited
-            # Whatever the task left behind goes with it (the rest of its job's cgroup
-            # once its job's last task here has ended).
-            self._signal_task(task, signal.SIGKILL, whole_job=False)
+            # Whatever the task left behind goes with it: its process group and orphans, or, once
+            # its job's last task here has ended, the rest of the job's cgroup (which holds its
+            # orphans too: no search through the machine's processes for them, a task's end is
+            # then cheap).
+            job_cgroup_goes = task.key[:2] in self.groups and not any(k[:2] == task.key[:2] for k in self.tasks)
+            if job_cgroup_goes:
+                _signal_group(task.pid, signal.SIGKILL)
+            else:
+                self._signal_task(task, signal.SIGKILL, whole_job=False)
             exit_code, sig = (code, None) if code >= 0 else (None, -code)
             cause = task.stop_cause or EndCause.EXITED
             if task.report and task.stop_cause in (None, EndCause.LAUNCH_FAILED):   # it never reached its exec
@@ -562,6 +565,29 @@ class Runner:
             reports.append(task_end(task.key, cause, exit_code, sig, task.stop_message))
             log.debug("job %d rank %d ended: %s, exit %s, signal %s", task.key[0], task.key[2], cause, exit_code, sig)
         return reports
+
+
+def _own_children(exclude):
+    """This daemon's child processes but those in exclude (its tasks), from the kernel's
+    list of each thread's children: no reading of every process on the machine, which a
+    task's end would otherwise cost."""
+    pids = set()
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(word) for word in f.read().split())
+    except (OSError, ValueError):         # a kernel without the list
+        try:
+            return [p for p in psutil.Process().children() if p.pid not in exclude]
+        except psutil.Error:
+            return []
+    found = []
+    for pid in sorted(pids - set(exclude)):
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.Error:
+            pass
+    return found
 
 
 def _signal_group(pgid, sig):

@@ -152,7 +152,7 @@ class CliApi:
             except arrays.ArraySpecError as e:
                 self.out.reply(caller, Invalid(error=f"--array: {e}", usage=True))
                 return
-            array = arrays.new_state(msg.array, limit, len(tasks))
+            array = arrays.new_state(msg.array, tasks, limit)
         held = msg.get("hold", False)
         job = Job(
             id=None, name=msg.get("name", os.path.basename(msg.argv[0])),
@@ -269,7 +269,7 @@ class CliApi:
             elements = []
             for array_id, task in older_elements:
                 template = by_id.get(array_id)
-                position = arrays.position_of(template.tasks, task) if template and template.is_array else None
+                position = template.tasks.position(task) if template and template.is_array else None
                 if position is None:
                     continue
                 if arrays.is_split(template.array, position):

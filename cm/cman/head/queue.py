@@ -238,7 +238,7 @@ class JobQueue:
     def array_element(self, array_id, task):
         """(template, position) of a live array's task, or (None, None)."""
         template = self.arrays.get(array_id)
-        position = arrays.position_of(template.tasks, task) if template is not None else None
+        position = template.tasks.position(task) if template is not None else None
         return (template, position) if position is not None else (None, None)
 
     def split_next(self, template):
@@ -338,7 +338,7 @@ class JobQueue:
                 if (ended is not None and not ended.is_array) or not self.exists(array_id):
                     return None, f"no array {array_id}"
                 return None, "already ended"
-            position = arrays.position_of(template.tasks, task)
+            position = template.tasks.position(task)
             if position is None:
                 return None, f"array {array_id} has no task {task} (its tasks: {arrays.fold(template.tasks)})"
             job = self.jobs.get(arrays.element_id(array_id, position))
@@ -350,6 +350,9 @@ class JobQueue:
             return None, f"already ended ({JobState.CANCELLED})"
         if not split:
             return None, "not started yet"
+        if position != template.array["next"] and len(template.array["split"]) >= arrays.MAX_EARLY:
+            return None, (f"{arrays.MAX_EARLY} elements of array {template.id} are held or cancelled on their own "
+                          f"already, the most before they start: act on the whole array ({template.id})")
         return self.split_off(template, position, early=True), None
 
     def why_gone(self, job_id):
