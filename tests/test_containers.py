@@ -171,6 +171,21 @@ def test_the_readmes_first_job_runs_through_make_exec_head(cc):
     assert lines == [f"{rank} compute{rank // 2 + 1}\n" for rank in range(6)]
 
 
+def test_an_array_runs_through_make_exec_head_each_element_with_its_task_and_logs(cc):
+    proc = cc.make("--no-print-directory", "exec-head", USER="root",
+                   CMD='cmrun --array 0-9%4 --wait -- sh -c "echo \\$CM_ARRAY_TASK_ID \\$CM_ARRAY_TASK_COUNT \\$(hostname)"')
+    assert proc.returncode == 0, proc.stderr
+    array = int(proc.stdout.strip().splitlines()[-1])
+    hosts = set()
+    for task in range(10):
+        with open(os.path.join(cc.drive, "home", "root", "cmlogs", f"{array}_{task}", "0.out")) as f:
+            got_task, count, host = f.read().split()
+        assert (int(got_task), int(count)) == (task, 10)
+        hosts.add(host)
+    assert len(hosts) > 1                      # elements are placed as jobs of their own
+    assert cc.job(array)["array"]["ended"] == {"COMPLETED": 10}
+
+
 def test_a_users_job_writes_its_logs_on_the_shared_home_owned_by_the_user(cc):
     cc.ok("printf '#!/bin/sh\\necho \"$CM_RANK $(hostname) $(id -un)\"\\n' > ranks.sh && chmod +x ranks.sh")
     out = cc.ok("cmrun -n 3 -p 2 --wait -- ./ranks.sh")
