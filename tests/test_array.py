@@ -29,7 +29,7 @@ def test_the_forms_parse(spec, tasks, limit):
 def test_a_large_array_is_kept_by_its_runs_not_its_elements():
     tasks, _ = arrays.parse("0-100000", 100001)
     assert tasks.runs == [(0, 1, 100001)] and len(tasks) == 100001 and tasks.position(77777) == 77777
-    state = arrays.new_state("0-100000", tasks, 0)
+    _, state = arrays.new_state("0-100000", tasks, 0)
     arrays.take(state, 5)
     arrays.take(state, 9)
     assert arrays.take_next(state) == 0

@@ -528,7 +528,7 @@ def test_an_array_of_a_thousand_is_one_write_and_its_elements_start_as_they_fit(
     assert launches[0][1].env == ["BIG=" + "x" * 10000]
     # An element's record leaves out what its template keeps.
     assert "env" not in writer.live[1] and writer.live[1]["array_id"] == 0
-    assert writer.live[0]["array"]["next"] == 3
+    assert writer.live[0]["array_state"]["next"] == 3
     end_tasks(core, launches[:1])
     writer.complete()
     core.tick(clock.now)
@@ -563,7 +563,7 @@ def test_a_head_restarted_mid_array_runs_no_element_twice_and_the_array_ends_onc
         core.tick(clock.now)
         writer.complete()
     template = core.queue.get(0)
-    assert template.state == "COMPLETED" and template.array["ended"] == {"COMPLETED": 5}
+    assert template.state == "COMPLETED" and template.array_state["ended"] == {"COMPLETED": 5}
     assert 0 not in writer.live and not writer.live
 
 
@@ -579,4 +579,59 @@ def test_elements_acted_on_one_by_one_before_they_start_are_bounded(monkeypatch)
     assert [r["ok"] for r in results] == [True, True, False, True]    # the next in order is no early one
     assert "act on the whole array (0)" in results[2]["error"]
     template = core.queue.get(0)
-    assert template.array["split"] == [7, 9] and template.array["next"] == 1
+    assert template.array_state["split"] == [7, 9] and template.array_state["next"] == 1
+    # Held in order, each waits as a job of its own: as many as that, no more.
+    request(core, ALICE, Op.HOLD, "h1", job_ids=["0_1", "0_2", "0_3"])
+    writer.complete()
+    assert [r["ok"] for r in out.replies[-1][1]["results"]] == [True, True, False]
+
+
+def test_no_user_but_the_owner_can_split_an_element_off_an_array_and_a_split_one_waits_as_its_array():
+    core, out, writer, clock = new_core()
+    register(core)
+    writer.complete()
+    submit(core, ALICE, array="0-9", hold=True)
+    writer.complete()
+    request(core, BOB, Op.CANCEL, "b1", job_ids=["0_3", 5])          # 5 is element 0_4's own id
+    request(core, BOB, Op.HOLD, "b2", job_ids=["0_7"])
+    writer.complete()
+    for _, body in out.replies[-2:]:
+        assert all(not r["ok"] and "permission denied" in r["error"] for r in body["results"]), body
+    template = core.queue.get(0)
+    assert template.array_state["split"] == [] and template.array_state["next"] == 0 and not template.elements
+    # The owner's element, split off early, is held as its array is: it does not start.
+    request(core, ALICE, Op.RELEASE, "a1", job_ids=["0_6"])
+    request(core, ALICE, Op.HOLD, "a2", job_ids=["0_2"])
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    assert [launch.array["task"] for _, launch in out.sent_ops(Op.LAUNCH)] == [6]   # released: only it
+    assert core.queue.get(3).held and core.queue.get(3).state == "PENDING"
+
+
+def test_an_array_altered_in_the_database_splits_off_nothing_more():
+    core, out, writer, clock = new_core()
+    register(core)
+    writer.complete()
+    submit(core, ALICE, array="0-9", hold=True)
+    writer.complete()
+    writer.live[0]["argv"] = ["sh", "-c", "id > /tmp/pwned"]      # the database is no root authority
+    core, out, writer, clock = new_core(FakeWriter(writer.state()))
+    register(core)
+    request(core, ALICE, Op.HOLD, "a1", job_ids=["0_2"])
+    request(core, ALICE, Op.RELEASE, "a2", job_ids=["0"])
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    assert out.sent_ops(Op.LAUNCH) == []
+    assert core.queue.get(0).state == "CANCELLED" and "altered" in core.queue.get(0).reason
+
+
+def test_an_overlapping_spec_that_folds_into_too_many_ranges_is_refused_as_a_usage_error():
+    core, out, writer, clock = new_core()
+    register(core)
+    writer.complete()
+    submit(core, ALICE, array="0-99999:3,1-99999:3")
+    body = out.replies[-1][1]
+    assert body["ok"] is False and body["usage"] and "ranges" in body["error"], body
+    assert not writer.ops

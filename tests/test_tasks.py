@@ -76,3 +76,46 @@ def test_a_seal_of_an_earlier_version_still_verifies_and_covers_only_what_it_did
     downgraded = job(script="#!/bin/sh\nid\n")
     downgraded.seal = sealer.seal(downgraded, version=1)   # a version-1 seal never covered a script
     assert not sealer.verify(downgraded)
+
+
+def launch(job_id, workdir, argv):
+    from cman import messages
+    return messages.Launch(job=job_id, attempt=0, name="t", ranks=[0], node_rank=0, nnodes=1, ntasks=1,
+                           nodelist=["n1"], argv=argv, workdir=workdir, env=["PATH=/usr/bin:/bin"], uid=os.getuid(),
+                           gid=os.getgid(), user="u", time_limit=0, may_requeue=False, cpus=1, mem_mb=0, script="")
+
+
+def ends_of(runner, count, timeout=15.0):
+    """The end reports of count tasks, reaped as the daemon's loop would."""
+    from conftest import wait_until
+    ends = []
+    wait_until(lambda: ends.extend(runner.reap()) or len(ends) >= count, timeout, f"{count} task ends")
+    return ends
+
+
+def test_the_spawner_forks_the_tasks_and_reports_their_ends_and_a_dead_one_is_replaced(tmp_path):
+    from cman import spawner as spawners
+    spawner = spawners.start()
+    runner = Runner("n1", kill_grace=1.0, clock=time.monotonic, spawner=spawner)
+    try:
+        assert runner.launch(launch(1, str(tmp_path), ["sh", "-c", "echo $CM_JOB_ID; exit 3"])) == []
+        assert runner.launch(launch(2, str(tmp_path), ["no-such-command"])) == []
+        ends = {e["job"]: e for e in ends_of(runner, 2)}
+        assert (ends[1]["cause"], ends[1]["exit_code"]) == (EndCause.EXITED, 3)
+        assert (ends[2]["cause"], ends[2]["exit_code"]) == (EndCause.LAUNCH_FAILED, 127)
+        assert "cannot run 'no-such-command'" in ends[2]["message"]
+        with open(tmp_path / "cmlogs" / "1" / "0.out") as f:
+            assert f.read() == "1\n"
+        assert runner.by_pid == {} and runner.tasks == {}
+        # The spawner dies: its running task dies with it and ends LOST; the next is forked by another.
+        runner.launch(launch(3, str(tmp_path), ["sleep", "30"]))
+        os.kill(spawner.pid, signal.SIGKILL)
+        (end,) = ends_of(runner, 1)
+        assert (end["job"], end["cause"]) == (3, EndCause.LOST) and "spawner died" in end["message"]
+        assert runner.spawner is not spawner and runner.spawner is not None
+        runner.launch(launch(4, str(tmp_path), ["true"]))
+        (end,) = ends_of(runner, 1)
+        assert (end["job"], end["cause"], end["exit_code"]) == (4, EndCause.EXITED, 0)
+    finally:
+        if runner.spawner is not None:
+            runner.spawner.close()

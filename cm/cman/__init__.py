@@ -7,6 +7,8 @@ Where things live:
   messages   typed wire messages, validated on arrival
   placement  the pure function that chooses nodes for pending jobs
   jobs       a job's lifecycle: transitions and how its result is derived
+  depend     dependencies (afterok:12, singleton): parsing and when they are met
+  arrays     job arrays: their specs, their tasks as runs, their elements' ids
   store      the MongoDB layout: a journal of the live jobs compacted into snapshots,
              and the history of ended jobs in buckets (costs flat as history grows)
   writer     the head's writer thread (in order, batched) and reader thread (history)
@@ -15,6 +17,8 @@ Where things live:
   cliserver  the head's Unix-socket endpoint for the CLI
   compute    the compute daemon: registers, heartbeats, runs what it is sent
   tasks      starting, signalling, timing out and reaping task processes
+  spawner    the small process, forked before anything is loaded, that forks the tasks
+  taskchild  what a task does between its fork and its exec (as root, then as its user)
   cgroups    a cgroup per job on a node (v1 or v2), or process groups where none can be had
   keys       the CURVE keys: one per node, its name bound to it on the head
   seal       the head's seal on who runs what, checked before any launch

@@ -15,8 +15,9 @@ off the template one by one as they are placed; until then the template
 stands for all of them (one line in cminfo, 12_[5-999]), and the database
 holds nothing per element.
 
-The template's stored "array" field: {"spec" (as typed), "tasks" (exactly its
-tasks, as a spec without overlaps), "limit", "count", "next" (the
+The template's stored "array" field, written once: {"spec" (as typed), "tasks"
+(exactly its tasks, as a spec without overlaps), "limit", "count"}; and its
+"array_state", written as its elements go: {"count", "next" (the
 first position not yet split off), "split" (positions past "next" split off
 early: held or cancelled by a user), "dropped" (the rest was cancelled),
 "ended" ({state: elements that ended so})}; its exit code and signal are the
@@ -28,8 +29,10 @@ import bisect
 # they start): each is remembered in the template's record, which is written whole.
 MAX_EARLY = 1000
 
-# The longest spec cm reads.
+# The longest spec cm reads, and the most ranges its tasks may make (a template's record
+# holds them all, and views go through them).
 MAX_SPEC = 10000
+MAX_RUNS = 2000
 # Characters of a folded list of tasks that views show (the rest is "...").
 FOLD_CHARS = 200
 # An element's fields that are the template's, kept with the template only.
@@ -40,10 +43,10 @@ class ArraySpecError(ValueError):
     """A spec that is not one of the forms, or too large; the message says what is wrong."""
 
 
-def parse(text, max_size):
+def parse(text, max_size, max_len=MAX_SPEC):
     """'0-999%50' -> (its tasks, a Tasks; the limit, 0 for none). max_size: the most elements
     an array may have, and one more than its highest task id (Slurm's MaxArraySize)."""
-    if not isinstance(text, str) or not text or len(text) > MAX_SPEC:
+    if not isinstance(text, str) or not text or (max_len is not None and len(text) > max_len):
         raise ArraySpecError("want a spec such as 0-999, 1,3,5-7, 0-99:4 or 0-999%50")
     spec, sep, limit_text = text.partition("%")
     limit = 0
@@ -65,6 +68,9 @@ def parse(text, max_size):
     runs.sort()
     if any(a[0] + a[1] * (a[2] - 1) >= b[0] for a, b in zip(runs, runs[1:])):    # overlapping: rare
         runs = runs_of(sorted({first + step * i for first, step, n in runs for i in range(n)}))
+    if len(runs) > MAX_RUNS:
+        raise ArraySpecError(f"{text!r}: its tasks make {len(runs)} ranges, more than {MAX_RUNS}: "
+                             "give them as fewer ranges (0-999:3 rather than 0,3,6,...)")
     return Tasks(runs), limit
 
 
@@ -198,9 +204,9 @@ def fold_runs(runs, limit=0, chars=FOLD_CHARS):
     return ",".join(parts) + (f"%{limit}" if limit else "")
 
 
-def tasks_of(state):
-    """The Tasks of a template's stored state."""
-    return parse(state.get("tasks") or state["spec"].partition("%")[0], 2**53)[0]
+def tasks_of(array):
+    """The Tasks of a template's stored "array" field (its exact spec, checked at submission)."""
+    return parse(array["tasks"], 2**53, max_len=None)[0]
 
 
 def element_id(array_id, position):
@@ -208,9 +214,10 @@ def element_id(array_id, position):
 
 
 def new_state(spec, tasks, limit):
-    """A new template's "array" field (its tasks as an exact spec without overlaps)."""
-    return {"spec": spec, "tasks": tasks.spec(), "limit": limit, "count": len(tasks), "next": 0, "split": [],
-            "dropped": False, "ended": {}}
+    """A new template's "array" and "array_state" fields: what it is (its tasks as an exact
+    spec without overlaps), written once; how far its elements are, written as that changes."""
+    return ({"spec": spec, "tasks": tasks.spec(), "limit": limit, "count": len(tasks)},
+            {"count": len(tasks), "next": 0, "split": [], "dropped": False, "ended": {}})
 
 
 def pending_runs(tasks, state):

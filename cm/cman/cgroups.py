@@ -24,6 +24,8 @@ import os
 import signal
 import time
 
+from .taskchild import JOIN_FLAGS     # how a process joins a cgroup: appended, never through a link
+
 log = logging.getLogger("cm.cgroups")
 
 PROCESS_GROUPS = "process groups"
@@ -38,8 +40,6 @@ class ContainmentError(Exception):
 
 # O_CREAT: a cgroup's files exist already, and a faked hierarchy (tests) gets them made.
 WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-# How a task adds its pid to cgroup.procs (appending, where a faked file is a plain one).
-JOIN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
 
 
 def _write(path, text):

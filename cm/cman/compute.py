@@ -49,7 +49,7 @@ def boot_id():
 
 
 class Compute:
-    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic):
+    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic, spawner=None):
         self.cfg, self.name, self.cpus, self.mem_mb, self.clock = cfg, name, cpus, mem_mb, clock
         self.endpoint = f"tcp://{cfg.head_host}:{cfg.head_port}"
         self.heartbeat_interval = cfg.heartbeat_interval
@@ -60,7 +60,8 @@ class Compute:
             raise ConfigError(str(e)) from None
         log.info("node %s contains jobs with %s %s", name, self.containment.name,
                  ",".join(self.containment.controllers))
-        self.runner = Runner(name, cfg.kill_grace, clock, self.containment, watch=self.watch_fd)
+        self.spawner = spawner            # forks the tasks (spawner.py), once the poller exists
+        self.runner = None
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
         self.state_changed = False        # the state file is behind: written at the end of the step
         self.recent_ends = collections.OrderedDict()   # tasks ended here lately: a repeated launch
@@ -94,6 +95,8 @@ class Compute:
             signal.SIGINT: self.request_stop,
         })
         self.poller.register(self.signals.fd, zmq.POLLIN)
+        self.runner = Runner(self.name, self.cfg.kill_grace, self.clock, self.containment, watch=self.watch_fd,
+                             spawner=self.spawner)
         become_subreaper()
         self.recover()
         self.connect()
@@ -429,9 +432,10 @@ def _span(ranks):
     return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
 
 
-def serve(cfg, name, cpus, mem_mb):
-    """Run a compute daemon until SIGTERM or SIGINT."""
-    node = Compute(cfg, name, cpus, mem_mb)
+def serve(cfg, name, cpus, mem_mb, spawner=None):
+    """Run a compute daemon until SIGTERM or SIGINT; spawner: the task spawner, started
+    before this module was loaded (spawner.py), or None to fork tasks here."""
+    node = Compute(cfg, name, cpus, mem_mb, spawner=spawner)
     node.open()
     try:
         node.run()

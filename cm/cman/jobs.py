@@ -28,7 +28,7 @@ STORED_FIELDS = (
     "nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "retries",
     "submit_time", "start_time", "end_time", "state", "reason",
     "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate", "seal",
-    "script", "held", "dependency", "kill_on_invalid_dep", "array", "array_id", "array_task",
+    "script", "held", "dependency", "kill_on_invalid_dep", "array", "array_state", "array_id", "array_task",
 )
 
 
@@ -62,7 +62,8 @@ class Job:
         self.held = False              # a pending job its owner or root holds back
         self.dependency = None         # what it waits for (depend.py's stored form), or None
         self.kill_on_invalid_dep = False   # cancelled, not left waiting, if that can never happen
-        self.array = None              # an array's template: its state (arrays.py); else None
+        self.array = None              # an array's template: what it is (arrays.py); else None
+        self.array_state = None        # ... and how far its elements are (written as they change)
         self.array_id = self.array_task = None   # an array's element: its array's id and its task id
         self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
         self.__dict__.update(fields)   # cancel asked before a head restart still ends it after
@@ -100,10 +101,11 @@ class Job:
         out["elapsed"] = elapsed(self.start_time, self.end_time, now)
         out["ntasks"] = self.ntasks
         if self.array is not None:
-            state = self.array
-            out["array"] = {"count": state["count"], "limit": state["limit"], "ended": dict(state["ended"]),
+            state = self.array_state
+            out["array"] = {"count": self.array["count"], "limit": self.array["limit"], "ended": dict(state["ended"]),
                             "pending": arrays.fold_runs(arrays.pending_runs(self.tasks, state)),
                             "pending_count": arrays.unsplit_count(state), "tasks": arrays.fold(self.tasks)}
+            del out["array_state"]
         return out
 
     @property
@@ -196,8 +198,8 @@ def fate_after_node_loss(job):
 def array_final_state(template):
     """An array's state once every element has ended: COMPLETED if each did, CANCELLED if
     any was cancelled (or never started), else FAILED."""
-    ended = template.array["ended"]
-    if template.array["dropped"] or ended.get(JobState.CANCELLED):
+    ended = template.array_state["ended"]
+    if template.array_state["dropped"] or ended.get(JobState.CANCELLED):
         return JobState.CANCELLED
     if set(ended) <= {JobState.COMPLETED}:
         return JobState.COMPLETED

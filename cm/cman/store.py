@@ -76,7 +76,8 @@ class JobDoc(me.EmbeddedDocument):
     held = me.BooleanField(default=False)                  # held back from starting (cmctl hold)
     dependency = me.DictField(null=True)                   # what it waits for (depend.py)
     kill_on_invalid_dep = me.BooleanField(default=False)
-    array = me.DictField(null=True)                        # an array's template: its state (arrays.py)
+    array = me.DictField(null=True)                        # an array's template: what it is (arrays.py)
+    array_state = me.DictField(null=True)                  # ... and how far its elements are
     array_id = me.IntField(null=True)                      # an array's element: its array
     array_task = me.IntField(null=True)                    # ... and its task id
 
@@ -98,6 +99,26 @@ def ids_after(fields):
 
 def _job_fields(raw):
     return {field: raw.get(field) for field in STORED_FIELDS}
+
+
+def _insert_in_order(collection, docs):
+    """Insert documents that keep their _id, in order: the database applies a prefix of them
+    if it stops half way (an unordered insert may apply any subset), so that a record that
+    depends on an earlier one (an array's progress on its element's record) is never there
+    without it. Those already there (a batch applied again after its reply was lost) are
+    left out, found with one read."""
+    try:
+        collection.insert_many(docs, ordered=True)
+        return
+    except pymongo.errors.BulkWriteError as e:
+        errors = e.details.get("writeErrors", [])
+        if len(errors) != 1 or errors[0].get("code") != DUPLICATE_KEY:
+            raise
+        rest = docs[errors[0]["index"]:]
+    there = {d["_id"] for d in collection.find({"_id": {"$in": [d["_id"] for d in rest]}}, projection={"_id": 1})}
+    rest = [d for d in rest if d["_id"] not in there]
+    if rest:
+        collection.insert_many(rest, ordered=True)
 
 
 def _insert_all(collection, docs):
@@ -233,7 +254,7 @@ class Store:
     def append(self, gen, records):
         """Append journal records; a retry of the same records (they keep their _id) adds nothing twice."""
         if records:
-            _insert_all(self.journal(gen), records)
+            _insert_in_order(self.journal(gen), records)
 
     def add_history(self, jobs):
         """Append ended jobs to their history buckets; one already there is left as it is.

@@ -23,21 +23,19 @@ user may not enter, logs that cannot be written, a command that cannot
 run) comes back to the daemon through a pipe, as the task's launch failure.
 """
 import ctypes
-import errno
 import logging
 import os
 import pwd
 import signal
-import stat
 
 import psutil
 
-from .cgroups import JOIN_FLAGS, ProcessGroups
+from . import spawner as spawners
+from .cgroups import ProcessGroups
 from .messages import task_end
+from .taskchild import DAEMON_SIGNALS, ChildSpec, TaskChild, _libc
 from .vocab import EndCause
 
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -47,20 +45,10 @@ def become_subreaper():
         log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
 
 
-def _die_with_daemon():
-    """In the task, before exec: SIGKILL it if the compute daemon dies, so that
-    no task outlives the daemon that reports it. Set after the switch of user,
-    which would clear it."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
 log = logging.getLogger("cm.tasks")
 
-# Above every descriptor the daemon may hold (closerange stops at the real limit).
-MAX_FD = 1 << 20
 # Seconds a task may take from its fork to its exec before it is killed as unable to start.
 START_TIMEOUT = 30.0
-# The signals the daemon handles: blocked across a fork, so that the child never runs a handler.
-DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
 # Seconds a user's groups are kept (looked up in the name service, which may be slow or down).
 GROUPS_TTL = 300.0
 
@@ -82,6 +70,7 @@ class Task:
         self.stop_cause = None            # EndCause.TIMEOUT, KILLED or LOST once we start stopping it
         self.stop_message = ""
         self.kill_at = None               # when SIGTERM turns into SIGKILL
+        self.spawned = False              # forked by the spawner (else by the daemon)
 
 
 def task_env(spec, rank, local_rank, node_name):
@@ -106,171 +95,22 @@ def task_env(spec, rank, local_rank, node_name):
     return env
 
 
-def log_dir_name(spec):
-    """cmlogs/<job>, or cmlogs/<array>_<task> for an array's element."""
-    array = spec.get("array")
-    return f"cmlogs/{array['job']}_{array['task']}" if array is not None else f"cmlogs/{spec.job}"
-
-
-class TaskChild:
-    """What the forked child does: join the job's cgroup (as root), become the user
-    (groups, gid, uid: saved ids too, so there is no way back), enter the working
-    directory, open the logs, exec the command. It runs between fork and exec, so it
-    makes system calls only (no logging, no locks); a failure is written to the report
-    pipe and ends the child."""
-
-    def __init__(self, spec, rank, env, report_fd, identity=None, join_files=()):
-        self.spec, self.rank, self.env, self.report_fd = spec, rank, env, report_fd
-        self.identity = identity          # (uid, gid, groups) to become, or None to stay
-        self.join_files = join_files      # cgroup.procs files to write our pid into
-
-    def write_script(self, directory):
-        """The batch script as it was at submission, in the job's log directory (as the user,
-        never through a link): written under a name of this rank's, then linked into place
-        unless another rank (or attempt) put it there already, so that no rank sees another's
-        half-written copy, nor has the file it executes replaced."""
-        path = f"{directory}/script"
-        partial = f"{directory}/.script.{self.rank}.{os.getpid()}"
-        try:
-            try:                          # a copy another rank (or attempt) made: the same text
-                info = os.lstat(path)
-                if self.own_plain_file(info) and info.st_size == len(self.spec.script.encode()):
-                    return path
-            except FileNotFoundError:
-                pass
-            try:
-                os.unlink(partial)        # left by a killed earlier attempt of the same pid
-            except FileNotFoundError:
-                pass
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
-            data = self.spec.script.encode()
-            while data:
-                data = data[os.write(fd, data):]
-            os.close(fd)
-            try:
-                os.link(partial, path)    # never over a copy another rank may be executing
-            except FileExistsError:
-                self.require_own_plain_file(os.lstat(path), path)
-            os.unlink(partial)
-        except OSError as e:
-            self.fail(1, f"cannot write the job's script under {self.spec.workdir}/{directory}: {e.strerror}")
-        return path                       # relative to the working directory, where we are
-
-    def open_log(self, path):
-        """A log file of the user's: never through a link, and a plain file (a FIFO planted
-        there would block the open, a device would take the output)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
-        self.require_own_plain_file(os.fstat(fd), path)
-        os.ftruncate(fd, 0)
-        os.set_blocking(fd, True)
-        return fd
-
-    @staticmethod
-    def own_plain_file(info):
-        return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
-
-    def require_own_plain_file(self, info, path):
-        if not self.own_plain_file(info):
-            self.fail(1, f"{self.spec.workdir}/{path} is not a plain file of uid {os.geteuid()}'s")
-
-    def fail(self, code, message):
-        os.write(self.report_fd, f"{code}\t{message}".encode(errors="replace")[:4000])
-        os._exit(code)
-
-    def start(self, parent):
-        """In the forked child: a session of its own, the usual umask and signals, no stdin.
-        The daemon's signals were blocked across the fork: here they get their default
-        actions (a SIGTERM before the exec ends the child, as it would the task), and only
-        then are they let through."""
-        try:
-            signal.set_wakeup_fd(-1)      # the daemon's wake-up pipe is not ours to write
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, *DAEMON_SIGNALS):
-                signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
-            self.parent = parent
-            os.setsid()
-            os.umask(0o022)
-            null = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(null, 0)
-            self.run()
-        finally:
-            os._exit(127)                 # run() execs or exits; nothing returns to the daemon's code
-
-    def run(self):
-        pid = str(os.getpid()).encode()
-        for path in self.join_files:      # before anything of the job's can fork
-            try:
-                fd = os.open(path, JOIN_FLAGS, 0o644)
-                os.write(fd, pid + b"\n")
-                os.close(fd)
-            except OSError as e:
-                self.fail(1, f"cannot join the job's cgroup ({path}): {e.strerror}")
-        if self.identity:
-            uid, gid, groups = self.identity
-            try:
-                os.setgroups(groups)
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-            except OSError as e:
-                self.fail(1, f"cannot become uid {uid}: {e.strerror}")
-        _die_with_daemon()                # after the switch of user, which would clear it
-        if os.getppid() != self.parent:   # the daemon died before that: no one reports this task
-            os._exit(1)
-        spec = self.spec
-        try:
-            os.chdir(spec.workdir)
-        except OSError as e:
-            self.fail(1, f"cannot enter working directory {spec.workdir}: {e.strerror}")
-        directory = log_dir_name(spec)
-        try:
-            for path in ("cmlogs", directory):
-                try:
-                    os.mkdir(path, 0o755)
-                except FileExistsError:
-                    pass
-            mine = os.lstat(directory)   # the job's own: not a link, not another's
-            if not stat.S_ISDIR(mine.st_mode) or mine.st_uid != os.geteuid():
-                self.fail(1, f"{spec.workdir}/{directory} is not a directory of {os.geteuid()}'s")
-            logs = [f"{directory}/{self.rank}.{kind}" for kind in ("out", "err")]
-            if spec.attempt:             # a requeued job: the attempt before keeps its output
-                for log_path in logs:
-                    try:
-                        os.rename(log_path, f"{log_path}.{spec.attempt - 1}")
-                    except FileNotFoundError:
-                        pass
-            out, err = (self.open_log(log_path) for log_path in logs)
-        except OSError as e:
-            self.fail(1, f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
-        program = spec.argv[0]
-        if spec.script:
-            program = self.write_script(directory)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        os.closerange(3, self.report_fd)  # nothing of the daemon's reaches the task
-        os.closerange(self.report_fd + 1, MAX_FD)
-        try:
-            if spec.script:
-                os.execve(program, spec.argv, self.env)
-            else:
-                os.execvpe(program, spec.argv, self.env)
-        except OSError as e:
-            # No such command (127, as a shell says) or not executable (126).
-            message = f"cannot run {spec.argv[0]!r}: {e.strerror}"
-            os.write(2, f"cm: {message}\n".encode(errors="replace"))
-            self.fail(127 if e.errno == errno.ENOENT else 126, message)
-
-
 # Seconds a job's cgroup that is not empty yet (its last processes take a moment to go) is
 # tried again, every REMOVE_EVERY seconds, before it is given up on.
 REMOVE_FOR, REMOVE_EVERY = 60.0, 0.5
 
 
 class Runner:
-    def __init__(self, node_name, kill_grace, clock, containment=None, watch=lambda fd, on: None):
+    def __init__(self, node_name, kill_grace, clock, containment=None, watch=lambda fd, on: None, spawner=None):
         """watch(fd, on): the daemon's poll loop starts (on) or stops watching a report pipe,
-        and calls on_report(fd) when it is readable."""
+        and calls on_report(fd) when it is readable. spawner: the task spawner (spawner.py)
+        that forks the tasks, or None: they are forked here."""
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
         self.watch = watch
+        self.spawner = spawner
+        if spawner is not None:
+            watch(spawner.fileno(), True)     # its reports wake the loop, which reaps
+        self.lost_with_spawner = []       # tasks of a spawner that died, not yet reaped
         self.starting = {}                # report fd -> a task not yet at its exec
         self.group_cache = {}             # (uid, gid) -> (until when, the user's groups)
         self.containment = containment or ProcessGroups()
@@ -366,8 +206,11 @@ class Runner:
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
         except OSError as e:
             return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror}")
-        child = TaskChild(spec, rank, task_env(spec, rank, local_rank, self.node_name), report_w,
-                          identity, group.join_files() if group else ())
+        env = task_env(spec, rank, local_rank, self.node_name)
+        join_files = group.join_files() if group else ()
+        if self.spawner is not None:
+            return self._spawn(spec, key, env, report_r, report_w, identity, join_files)
+        child = TaskChild(ChildSpec.of(spec), rank, env, report_w, identity, join_files)
         parent = os.getpid()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
         try:
@@ -381,14 +224,53 @@ class Runner:
             child.start(parent)           # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(report_w)
+        self._started(spec, key, pid, report_r)
+        return None
+
+    def _spawn(self, spec, key, env, report_r, report_w, identity, join_files):
+        """Start a task through the spawner; if that is gone, another takes its place."""
+        try:
+            pid = self.spawner.spawn(ChildSpec.of(spec), key[2], env, report_w, identity, join_files)
+        except spawners.SpawnerGone as e:
+            os.close(report_r)
+            os.close(report_w)
+            self._spawner_gone(str(e))
+            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e}")
+        except OSError as e:
+            os.close(report_r)
+            os.close(report_w)
+            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, str(e.strerror or e))
+        os.close(report_w)
+        self._started(spec, key, pid, report_r).spawned = True
+        return None
+
+    def _spawner_gone(self, why):
+        """The spawner died (or hung): its tasks died with it (PDEATHSIG), and come to us, the
+        subreaper, to be reaped, each ended LOST; those it had reaped and not reported are
+        ended so now. The next task is forked by a new spawner."""
+        log.error("node %s: %s; starting another", self.node_name, why)
+        old, self.spawner = self.spawner, None
+        self.watch(old.fileno(), False)
+        old.close()
+        for task in list(self.tasks.values()):
+            if task.spawned and task.stop_cause is None:
+                task.stop_cause, task.stop_message = EndCause.LOST, f"the node's task spawner died ({why})"
+        self.lost_with_spawner = [t for t in self.tasks.values() if t.spawned]
+        try:
+            self.spawner = spawners.start()
+            self.watch(self.spawner.fileno(), True)
+        except OSError as e:
+            log.error("node %s: cannot start a task spawner (%s); tasks are forked by the daemon", self.node_name, e)
+
+    def _started(self, spec, key, pid, report_r):
         os.set_blocking(report_r, False)
         task = Task(key, pid, self.clock(), spec.time_limit, fence=spec.may_requeue, report_fd=report_r)
         self.tasks[key] = task
         self.by_pid[pid] = task
         self.starting[report_r] = task
         self.watch(report_r, True)
-        log.debug("job %d rank %d forked as pid %d", spec.job, rank, pid)
-        return None
+        log.debug("job %d rank %d started as pid %d", spec.job, key[2], pid)
+        return task
 
     def on_report(self, fd):
         """A child's report pipe is readable: its exec closed it (it runs), or it wrote why
@@ -477,7 +359,7 @@ class Runner:
                 found += [p for p in psutil.Process(task.pid).children(recursive=True) if _pgid(p) != task.pid]
             except psutil.Error:
                 pass
-        for child in _own_children(exclude=self.by_pid):
+        for child in _own_children(exclude=set(self.by_pid) | ({self.spawner.pid} if self.spawner else set())):
             if _task_key(child) == task.key:
                 found.append(child)
                 try:
@@ -522,11 +404,10 @@ class Runner:
 
     # ---- reap ----
 
-    def reap(self):
-        """Collect every child that has ended; returns their end reports."""
-        reports = []
-        if self.unremoved:
-            self.remove_leftovers(self.clock())
+    def _exits(self):
+        """(pid, wait status) of what has ended: tasks the spawner reaped, and our own children
+        (tasks forked here, orphans of tasks, a spawner that died)."""
+        exits = self.spawner.drain() if self.spawner is not None else []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -534,6 +415,23 @@ class Runner:
                 break
             if pid == 0:
                 break
+            exits.append((pid, status))
+            if self.spawner is not None and pid == self.spawner.pid:
+                self.spawner.gone = True
+        if self.spawner is not None and self.spawner.gone:
+            self._spawner_gone("the task spawner died")
+        for task in self.lost_with_spawner:
+            if task.key in self.tasks and not _exists(task):
+                exits.append((task.pid, 0))   # reaped by the spawner, never reported: as lost
+        self.lost_with_spawner = [t for t in self.lost_with_spawner if t.key in self.tasks and _exists(t)]
+        return exits
+
+    def reap(self):
+        """Collect every child that has ended; returns their end reports."""
+        reports = []
+        if self.unremoved:
+            self.remove_leftovers(self.clock())
+        for pid, status in self._exits():
             task = self.by_pid.pop(pid, None)
             if task is None:
                 continue
@@ -623,6 +521,14 @@ def _pgid(proc):
         return os.getpgid(proc.pid)
     except OSError:
         return None
+
+
+def _exists(task):
+    """Whether the task's process (or its zombie) is still there."""
+    try:
+        return psutil.Process(task.pid).create_time() == task.create_time
+    except psutil.Error:
+        return False
 
 
 def _task_key(proc):

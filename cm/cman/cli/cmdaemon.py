@@ -50,6 +50,11 @@ def main(args):
 
 
 def run_daemon(args):
+    spawner = None
+    if args.role == "compute":
+        # Forked first, while this process is small: it forks every task (spawner.py).
+        from .. import spawner as spawners
+        spawner = spawners.start()
     cfg = config.load()
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -80,7 +85,7 @@ def run_daemon(args):
     from .. import resources
     from ..compute import serve
     serve(cfg, name, args.cpus or resources.cpu_count(),
-          args.mem if args.mem is not None else resources.memory_mb())
+          args.mem if args.mem is not None else resources.memory_mb(), spawner=spawner)
     return Exit.OK
 
 

@@ -145,14 +145,14 @@ class CliApi:
             if unknown:
                 self.out.reply(caller, Invalid(error=f"-d/--dependency: no job {unknown[0]}", usage=True))
                 return
-        array = None
+        array = array_state = None
         if msg.get("array"):
             try:
                 tasks, limit = arrays.parse(msg.array, cfg.max_array_size)
             except arrays.ArraySpecError as e:
                 self.out.reply(caller, Invalid(error=f"--array: {e}", usage=True))
                 return
-            array = arrays.new_state(msg.array, tasks, limit)
+            array, array_state = arrays.new_state(msg.array, tasks, limit)
         held = msg.get("hold", False)
         job = Job(
             id=None, name=msg.get("name", os.path.basename(msg.argv[0])),
@@ -166,7 +166,7 @@ class CliApi:
             retries=msg.get("retries", cfg.default_retries),
             submit_time=self.wall(), state=JobState.PENDING, request_id=msg.request_id,
             script=msg.get("script", ""), held=held, dependency=dependency,
-            kill_on_invalid_dep=msg.get("kill_on_invalid_dep", False), array=array,
+            kill_on_invalid_dep=msg.get("kill_on_invalid_dep", False), array=array, array_state=array_state,
             reason=PendingReason.HELD if held else PendingReason.DEPENDENCY if dependency else "",
         )
         job.seal = self.sealer.seal(job)
@@ -272,7 +272,7 @@ class CliApi:
                 position = template.tasks.position(task) if template and template.is_array else None
                 if position is None:
                     continue
-                if arrays.is_split(template.array, position):
+                if arrays.is_split(template.array_state, position):
                     elements.append(arrays.element_id(array_id, position))
                 else:                     # cancelled with its array before it could start: no record
                     found[f"{array_id}_{task}"] = [never_started(template, position).view(now)]
@@ -294,9 +294,9 @@ class CliApi:
             if template is None:
                 return []
             job = self.queue.get(arrays.element_id(template.id, position))
-            if job is None and arrays.is_split(template.array, position):
+            if job is None and arrays.is_split(template.array_state, position):
                 return []                 # ended, and no longer in memory
-            if job is None and template.array["dropped"]:
+            if job is None and template.array_state["dropped"]:
                 job = never_started(template, position)
             elif job is None:             # not split off yet: as it would start
                 job = new_element(template, position)
@@ -358,7 +358,7 @@ class CliApi:
 def shown(job):
     """Whether the list of live jobs shows job: an array's template only while some of
     its elements have not started (its own elements show the rest)."""
-    return not job.is_array or arrays.unsplit_count(job.array) > 0
+    return not job.is_array or arrays.unsplit_count(job.array_state) > 0
 
 
 def never_started(template, position):

@@ -22,6 +22,7 @@ jobs.transition().
 """
 import bisect
 import collections
+import copy
 import logging
 
 from .. import arrays, depend
@@ -49,6 +50,7 @@ class JobQueue:
         self.active_by_uid = collections.Counter()   # uid -> its pending and running jobs
         self.dependents = collections.defaultdict(set)   # job id -> pending jobs that depend on it
         self.arrays = {}                 # id -> the template of a live array
+        self.array_ids = []              # their ids, in order: which array an element id is of
         self.on_retired = lambda job: None   # the CLI API tells those who wait for it
 
     def get(self, job_id):
@@ -71,7 +73,8 @@ class JobQueue:
             self.arrays[job.array_id].elements.add(job.id)
         if job.is_array:
             self.arrays[job.id] = job
-        if job.is_array and not arrays.unsplit_count(job.array):
+            bisect.insort(self.array_ids, job.id)
+        if job.is_array and not arrays.unsplit_count(job.array_state):
             pass                          # every element split off already: it waits for their ends
         elif job.state == JobState.PENDING:
             bisect.insort(self.pending, job.id)
@@ -90,7 +93,8 @@ class JobQueue:
         self.out.writer.end_job(fields)
         if self.jobs.pop(job.id, None) is not None and job.array_id is None:
             self.active_by_uid[job.uid] -= 1
-        self.arrays.pop(job.id, None)
+        if self.arrays.pop(job.id, None) is not None:
+            self.array_ids.remove(job.id)
         self.dependency_changed(job)
         self.remember_ended(job)
         self.on_retired(job)
@@ -208,7 +212,7 @@ class JobQueue:
             slots[template.id] = limit - running if limit else None
         may = slots[template.id]
         if job.is_array:
-            left = arrays.unsplit_count(job.array)
+            left = arrays.unsplit_count(job.array_state)
             return left if may is None else min(left, may)
         return 1 if may is None else min(1, may)
 
@@ -222,9 +226,12 @@ class JobQueue:
         return job.repeat
 
     def array_holding(self, job_id):
-        """(template, position) of the live array an element id belongs to, or (None, None)."""
-        for template in self.arrays.values():
-            if template.id < job_id <= template.id + template.array["count"]:
+        """(template, position) of the live array an element id belongs to, or (None, None):
+        the live array with the highest id below it (arrays' ids do not overlap)."""
+        i = bisect.bisect_left(self.array_ids, job_id) - 1
+        if i >= 0:
+            template = self.arrays[self.array_ids[i]]
+            if job_id <= template.id + template.array["count"]:
                 return template, job_id - template.id - 1
         return None, None
 
@@ -244,43 +251,58 @@ class JobQueue:
     def split_next(self, template):
         """The next element of an array, split off to start now; None if its template
         does not verify (it runs nothing more)."""
-        if not self.sealer.verify(template):
-            log.error("array %d: %s", template.id, ALTERED)
-            template.reason = ALTERED
-            self.drop_unsplit(template)
+        if not self.template_verifies(template):
             return None
-        return self.split_off(template, arrays.take_next(template.array))
+        return self.split_off(template, arrays.take_next(template.array_state))
+
+    def template_verifies(self, template):
+        """Whether an array's record is as the head sealed it; if not, none of its elements
+        that have not started ever will (each is sealed anew from it)."""
+        if self.sealer.verify(template):
+            return True
+        log.error("array %d: %s", template.id, ALTERED)
+        template.reason = ALTERED
+        self.drop_unsplit(template)
+        return False
 
     def split_off(self, template, position, early=False):
         """Make the element at position a job of its own: recorded with its own fields (its
         template keeps the command, environment and script). early: out of order, pending
-        (held or cancelled on its own)."""
+        (held or cancelled on its own), and held back as its array is, by a hold or by a
+        dependency."""
         if early:
-            arrays.take(template.array, position)
+            arrays.take(template.array_state, position)
         element = lifecycle.new_element(template, position)
+        if early:
+            element.held, element.kill_on_invalid_dep = template.held, template.kill_on_invalid_dep
+            element.dependency = copy.deepcopy(template.dependency)
+            element.reason = template.reason
         element.seal = self.sealer.seal(element)
         self.jobs[element.id] = element
         template.elements.add(element.id)
         self.write_job(element, lifecycle.ELEMENT_FIELDS)
         if early:
             bisect.insort(self.pending, element.id)
+            if element.dependency:
+                self.watch_dependencies(element)
+            self.triggers.add(f"element {element.id} of array {template.id} split off")
         self.array_split(template)
         return element
 
     def array_split(self, template):
         """Its split state changed: recorded; out of the queue once no element is left in it
         (those that depend on it with after: learn that every element has started)."""
-        self.write_job(template, ("array",))
-        if not arrays.unsplit_count(template.array) and template.id in self.pending:
+        self.write_job(template, ("array_state",))
+        if not arrays.unsplit_count(template.array_state) and template.id in self.pending:
             self.pending.remove(template.id)
             self.dependency_changed(template)
 
     def drop_unsplit(self, template):
         """Its elements not yet split off will never run (cancelled with the array): those
         that depend on one of them learn so."""
-        if template.array["dropped"]:
+        if template.array_state["dropped"]:
             return
-        template.array["dropped"] = True
+        template.array_state["dropped"] = True
         self.array_split(template)
         for job_id in [d for d in self.dependents if template.id < d <= template.id + template.array["count"]
                        and d not in self.jobs]:
@@ -292,21 +314,21 @@ class JobQueue:
         if template is None:
             return
         template.elements.discard(element.id)
-        ended = template.array["ended"]
+        ended = template.array_state["ended"]
         ended[element.state] = ended.get(element.state, 0) + 1
         template.exit_code = max(template.exit_code, element.exit_code)
         if element.exit_signal:
             template.exit_signal = max(template.exit_signal or 0, element.exit_signal)
-        self.write_job(template, ("array", "exit_code", "exit_signal"))
+        self.write_job(template, ("array_state", "exit_code", "exit_signal"))
         if template.array["limit"]:
             self.triggers.add(f"array {template.id} may start another element")
         self.retire_array_if_done(template)
 
     def retire_array_if_done(self, template):
         """Once every element has ended, the array ends with their summary."""
-        if template.state == JobState.PENDING and not template.elements and not arrays.unsplit_count(template.array):
+        if template.state == JobState.PENDING and not template.elements and not arrays.unsplit_count(template.array_state):
             state = lifecycle.array_final_state(template)
-            reason = arrays.summary(template.array)
+            reason = arrays.summary(template.array_state)
             if template.reason.startswith("cancelled by") or template.reason == ALTERED:
                 reason = f"{template.reason}; {reason}"
             lifecycle.transition(template, state, self.wall(), reason)
@@ -315,14 +337,14 @@ class JobQueue:
     def array_restored(self, template):
         """A head's start: an array whose elements were split off, each, before it stopped is
         out of the queue; one whose last element's end was recorded, and not its own, ends."""
-        if not arrays.unsplit_count(template.array) and template.id in self.pending:
+        if not arrays.unsplit_count(template.array_state) and template.id in self.pending:
             self.pending.remove(template.id)
         self.retire_array_if_done(template)
 
-    def resolve(self, ref, split=False):
+    def resolve(self, ref, split=False, uid=0):
         """The live job a reference names, (job, None), or (None, why not). ref: a job id,
         or (array id, task id). With split, an element not yet split off its array is,
-        early, to be held or cancelled on its own."""
+        early, to be held or cancelled on its own by uid, its owner or root."""
         if isinstance(ref, int):
             job = self.jobs.get(ref)
             if job is not None:
@@ -334,8 +356,8 @@ class JobQueue:
             array_id, task = ref
             template = self.arrays.get(array_id)
             if template is None:
-                ended = self.ended.get(array_id)
-                if (ended is not None and not ended.is_array) or not self.exists(array_id):
+                known = self.get(array_id)
+                if (known is not None and not known.is_array) or not self.exists(array_id):
                     return None, f"no array {array_id}"
                 return None, "already ended"
             position = template.tasks.position(task)
@@ -344,15 +366,21 @@ class JobQueue:
             job = self.jobs.get(arrays.element_id(array_id, position))
             if job is not None:
                 return job, None
-        if arrays.is_split(template.array, position):
+        if arrays.is_split(template.array_state, position):
             return None, self.why_gone(arrays.element_id(template.id, position))
-        if template.array["dropped"]:
+        if template.array_state["dropped"]:
             return None, f"already ended ({JobState.CANCELLED})"
         if not split:
             return None, "not started yet"
-        if position != template.array["next"] and len(template.array["split"]) >= arrays.MAX_EARLY:
-            return None, (f"{arrays.MAX_EARLY} elements of array {template.id} are held or cancelled on their own "
-                          f"already, the most before they start: act on the whole array ({template.id})")
+        if uid not in (0, template.uid):
+            return None, f"permission denied: it belongs to {template.user}"
+        waiting = sum(1 for e in template.elements if self.jobs[e].state == JobState.PENDING)
+        out_of_order = position != template.array_state["next"] and len(template.array_state["split"])
+        if max(waiting, out_of_order) >= arrays.MAX_EARLY:
+            return None, (f"{arrays.MAX_EARLY} elements of array {template.id} wait on their own already, "
+                          f"the most before they start: act on the whole array ({template.id})")
+        if not self.template_verifies(template):
+            return None, ALTERED
         return self.split_off(template, position, early=True), None
 
     def why_gone(self, job_id):
@@ -367,7 +395,7 @@ class JobQueue:
     def dependency_state(job):
         """The state others depending on job see: an array's is that of all its elements
         (RUNNING once every one has started, then its summary)."""
-        if job.is_array and job.state == JobState.PENDING and not arrays.unsplit_count(job.array):
+        if job.is_array and job.state == JobState.PENDING and not arrays.unsplit_count(job.array_state):
             return JobState.RUNNING
         return job.state
 
@@ -376,8 +404,8 @@ class JobQueue:
         if job is not None:
             return self.dependency_state(job)
         template, position = self.array_holding(job_id)
-        if template is not None and not arrays.is_split(template.array, position):
-            return JobState.CANCELLED if template.array["dropped"] else JobState.PENDING
+        if template is not None and not arrays.is_split(template.array_state, position):
+            return JobState.CANCELLED if template.array_state["dropped"] else JobState.PENDING
         return None
 
     def watch_dependencies(self, job):
@@ -581,7 +609,7 @@ class JobQueue:
     def hold(self, ref, uid, held):
         """Hold a pending job back from starting, or release it; returns its line of the reply.
         An array: its elements not yet started, each pending one and those not split off."""
-        job, why = self.resolve(ref, split=True)
+        job, why = self.resolve(ref, split=True, uid=uid)
         if job is None:
             return {"ok": False, "error": why}
         if uid not in (0, job.uid):
@@ -607,7 +635,7 @@ class JobQueue:
     def cancel(self, ref, uid, who):
         """cmkill of one job (or array, or array element) by uid (whose name is who);
         returns its line of the reply."""
-        job, why = self.resolve(ref, split=True)
+        job, why = self.resolve(ref, split=True, uid=uid)
         if job is None:
             return {"ok": False, "error": why}
         if uid not in (0, job.uid):

@@ -69,6 +69,6 @@ def element_fields(queue, fields):
                   fields["id"], fields["array_id"])
         return None
     position = fields["id"] - template.id - 1
-    if not arrays.is_split(template.array, position) and 0 <= position < template.array["count"]:
-        arrays.take(template.array, position)
+    if not arrays.is_split(template.array_state, position) and 0 <= position < template.array["count"]:
+        arrays.take(template.array_state, position)
     return dict(fields, **{f: getattr(template, f) for f in arrays.SHARED_FIELDS})

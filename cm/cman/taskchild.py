@@ -1,0 +1,219 @@
+"""What a task's process does between its fork and its exec, as root then as
+its user: join the job's cgroup, become the user (groups, gid, uid: saved ids
+too, so there is no way back), enter the working directory, make and open its
+logs (never through a link), and exec the command. It runs in a forked child,
+so it makes system calls only (no logging, no locks); what goes wrong is
+written to the report pipe, which the compute daemon reads (tasks.py).
+
+Standard library only: the task spawner (spawner.py), a small process that
+forks the tasks, imports this and little else.
+"""
+import ctypes
+import errno
+import os
+import signal
+import stat
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+# Above every descriptor the daemon may hold (closerange stops at the real limit).
+MAX_FD = 1 << 20
+# The signals the daemon handles: blocked across a fork, so that the child never runs a handler.
+DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
+# How a task joins its cgroup: appended to cgroup.procs, never through a link.
+JOIN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+
+
+def _die_with_daemon():
+    """In the task, before exec: SIGKILL it if the compute daemon dies, so that
+    no task outlives the daemon that reports it. Set after the switch of user,
+    which would clear it."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ChildSpec:
+    """What the child needs of a Launch: job, attempt, workdir, argv, script, array."""
+    FIELDS = ("job", "attempt", "workdir", "argv", "script", "array")
+
+    def __init__(self, job, attempt, workdir, argv, script="", array=None):
+        self.job, self.attempt, self.workdir, self.argv = job, attempt, workdir, argv
+        self.script, self.array = script, array
+
+    @classmethod
+    def of(cls, launch):
+        return cls(launch.job, launch.attempt, launch.workdir, launch.argv, launch.script, launch.get("array"))
+
+    def to_dict(self):
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+def log_dir_name(spec):
+    """cmlogs/<job>, or cmlogs/<array>_<task> for an array's element."""
+    array = spec.array
+    return f"cmlogs/{array['job']}_{array['task']}" if array is not None else f"cmlogs/{spec.job}"
+
+
+class TaskChild:
+    """What the forked child does: join the job's cgroup (as root), become the user
+    (groups, gid, uid: saved ids too, so there is no way back), enter the working
+    directory, open the logs, exec the command. It runs between fork and exec, so it
+    makes system calls only (no logging, no locks); a failure is written to the report
+    pipe and ends the child."""
+
+    def __init__(self, spec, rank, env, report_fd, identity=None, join_files=()):
+        self.spec, self.rank, self.env, self.report_fd = spec, rank, env, report_fd
+        self.identity = identity          # (uid, gid, groups) to become, or None to stay
+        self.join_files = join_files      # cgroup.procs files to write our pid into
+
+    def write_script(self, directory):
+        """The batch script as it was at submission, in the job's log directory (as the user,
+        never through a link): written under a name of this rank's, then linked into place
+        unless another rank (or attempt) put it there already, so that no rank sees another's
+        half-written copy, nor has the file it executes replaced."""
+        path = f"{directory}/script"
+        partial = f"{directory}/.script.{self.rank}.{os.getpid()}"
+        try:
+            try:                          # a copy another rank (or attempt) made: the same text
+                info = os.lstat(path)
+                if self.own_plain_file(info) and info.st_size == len(self.spec.script.encode()):
+                    return path
+            except FileNotFoundError:
+                pass
+            try:
+                os.unlink(partial)        # left by a killed earlier attempt of the same pid
+            except FileNotFoundError:
+                pass
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+            data = self.spec.script.encode()
+            while data:
+                data = data[os.write(fd, data):]
+            os.close(fd)
+            try:
+                os.link(partial, path)    # never over a copy another rank may be executing
+            except FileExistsError:
+                self.require_own_plain_file(os.lstat(path), path)
+            os.unlink(partial)
+        except OSError as e:
+            self.fail(1, f"cannot write the job's script under {self.spec.workdir}/{directory}: {e.strerror}")
+        return path                       # relative to the working directory, where we are
+
+    def open_log(self, path):
+        """A log file of the user's: never through a link, and a plain file (a FIFO planted
+        there would block the open, a device would take the output)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        self.require_own_plain_file(os.fstat(fd), path)
+        os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+        return fd
+
+    @staticmethod
+    def own_plain_file(info):
+        return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
+
+    def require_own_plain_file(self, info, path):
+        if not self.own_plain_file(info):
+            self.fail(1, f"{self.spec.workdir}/{path} is not a plain file of uid {os.geteuid()}'s")
+
+    def fail(self, code, message):
+        os.write(self.report_fd, f"{code}\t{message}".encode(errors="replace")[:4000])
+        os._exit(code)
+
+    def start(self, parent):
+        """In the forked child: a session of its own, the usual umask and signals, no stdin.
+        The daemon's signals were blocked across the fork: here they get their default
+        actions (a SIGTERM before the exec ends the child, as it would the task), and only
+        then are they let through."""
+        try:
+            signal.set_wakeup_fd(-1)      # the daemon's wake-up pipe is not ours to write
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ, *DAEMON_SIGNALS):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
+            self.parent = parent
+            os.setsid()
+            os.umask(0o022)
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            self.run()
+        finally:
+            os._exit(127)                 # run() execs or exits; nothing returns to the daemon's code
+
+    def run(self):
+        pid = str(os.getpid()).encode()
+        for path in self.join_files:      # before anything of the job's can fork
+            try:
+                fd = os.open(path, JOIN_FLAGS, 0o644)
+                os.write(fd, pid + b"\n")
+                os.close(fd)
+            except OSError as e:
+                self.fail(1, f"cannot join the job's cgroup ({path}): {e.strerror}")
+        if self.identity:
+            uid, gid, groups = self.identity
+            try:
+                os.setgroups(groups)
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            except OSError as e:
+                self.fail(1, f"cannot become uid {uid}: {e.strerror}")
+        _die_with_daemon()                # after the switch of user, which would clear it
+        if os.getppid() != self.parent:   # the daemon died before that: no one reports this task
+            os._exit(1)
+        spec = self.spec
+        try:
+            os.chdir(spec.workdir)
+        except OSError as e:
+            self.fail(1, f"cannot enter working directory {spec.workdir}: {e.strerror}")
+        directory = log_dir_name(spec)
+        try:
+            for path in ("cmlogs", directory):
+                try:
+                    os.mkdir(path, 0o755)
+                except FileExistsError:
+                    pass
+            mine = os.lstat(directory)   # the job's own: not a link, not another's
+            if not stat.S_ISDIR(mine.st_mode) or mine.st_uid != os.geteuid():
+                self.fail(1, f"{spec.workdir}/{directory} is not a directory of {os.geteuid()}'s")
+            logs = [f"{directory}/{self.rank}.{kind}" for kind in ("out", "err")]
+            if spec.attempt:             # a requeued job: the attempt before keeps its output
+                for log_path in logs:
+                    try:
+                        os.rename(log_path, f"{log_path}.{spec.attempt - 1}")
+                    except FileNotFoundError:
+                        pass
+            out, err = (self.open_log(log_path) for log_path in logs)
+        except OSError as e:
+            self.fail(1, f"cannot write logs under {spec.workdir}/cmlogs: {e.strerror}")
+        program = spec.argv[0]
+        if spec.script:
+            program = self.write_script(directory)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.closerange(3, self.report_fd)  # nothing of the daemon's reaches the task
+        os.closerange(self.report_fd + 1, MAX_FD)
+        try:
+            if spec.script:
+                os.execve(program, spec.argv, self.env)
+            else:
+                exec_from_path(program, spec.argv, self.env)
+        except OSError as e:
+            # No such command (127, as a shell says) or not executable (126).
+            message = f"cannot run {spec.argv[0]!r}: {e.strerror}"
+            os.write(2, f"cm: {message}\n".encode(errors="replace"))
+            self.fail(127 if e.errno == errno.ENOENT else 126, message)
+
+
+def exec_from_path(program, argv, env):
+    """os.execvpe, looking at each directory of PATH with access() before the execve: a
+    failed execve costs the child a Python exception, and a PATH has many directories."""
+    if "/" in program:
+        os.execve(program, argv, env)
+    first_error = None
+    for directory in os.get_exec_path(env):
+        path = os.path.join(directory, program)
+        if not os.access(path, os.F_OK):
+            continue
+        try:
+            os.execve(path, argv, env)
+        except OSError as e:              # not executable, say: remembered, and the search goes on
+            if first_error is None and e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                first_error = e
+    raise first_error or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
