@@ -160,7 +160,7 @@ def serve(sock, daemon):
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    buffer = b""
+    buffer, fds = b"", []                 # what is read of requests, and their report pipes, in order
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -173,17 +173,18 @@ def serve(sock, daemon):
                     pass
                 report_exits(sock)
                 continue
-            data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 16)
+            data, new_fds, _, _ = socket.recv_fds(sock, 1 << 16, 16)
             if not data:
                 return                    # the daemon closed its end
             buffer += data
+            fds += new_fds
             buffer = serve_requests(sock, buffer, fds)
         report_exits(sock)
 
 
 def serve_requests(sock, buffer, fds):
-    """Fork a task for each whole request in buffer (each came with its report pipe, in fds,
-    in order); what is left of buffer."""
+    """Fork a task for each whole request in buffer (each came with its report pipe: fds, in
+    order, taken from as they are used); what is left of buffer."""
     while len(buffer) >= HEADER.size:
         (length,) = HEADER.unpack_from(buffer)
         while len(buffer) < HEADER.size + length:
@@ -191,7 +192,7 @@ def serve_requests(sock, buffer, fds):
             if not more:
                 raise SystemExit(0)
             buffer += more
-            fds += more_fds
+            fds.extend(more_fds)
         request = json.loads(buffer[HEADER.size:HEADER.size + length])
         buffer = buffer[HEADER.size + length:]
         report_w = fds.pop(0)

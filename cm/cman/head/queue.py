@@ -374,7 +374,8 @@ class JobQueue:
             return None, "not started yet"
         if uid not in (0, template.uid):
             return None, f"permission denied: it belongs to {template.user}"
-        waiting = sum(1 for e in template.elements if self.jobs[e].state == JobState.PENDING)
+        first, last = template.id + 1, template.id + template.array["count"]   # its pending elements:
+        waiting = bisect.bisect_right(self.pending, last) - bisect.bisect_left(self.pending, first)   # no scan
         out_of_order = position != template.array_state["next"] and len(template.array_state["split"])
         if max(waiting, out_of_order) >= arrays.MAX_EARLY:
             return None, (f"{arrays.MAX_EARLY} elements of array {template.id} wait on their own already, "
