@@ -586,12 +586,18 @@ def test_elements_acted_on_one_by_one_before_they_start_are_bounded(monkeypatch)
     assert [r["ok"] for r in out.replies[-1][1]["results"]] == [True, True, False]
 
 
-def test_no_user_but_the_owner_can_split_an_element_off_an_array_and_a_split_one_waits_as_its_array():
+def held_array():
+    """A node up, and ALICE's held array 0 of tasks 0-9 (ids 1 to 10) accepted."""
     core, out, writer, clock = new_core()
     register(core)
     writer.complete()
     submit(core, ALICE, array="0-9", hold=True)
     writer.complete()
+    return core, out, writer, clock
+
+
+def test_no_user_but_the_owner_can_split_an_element_off_an_array_and_a_split_one_waits_as_its_array():
+    core, out, writer, clock = held_array()
     request(core, BOB, Op.CANCEL, "b1", job_ids=["0_3", 5])          # 5 is element 0_4's own id
     request(core, BOB, Op.HOLD, "b2", job_ids=["0_7"])
     writer.complete()
@@ -610,11 +616,7 @@ def test_no_user_but_the_owner_can_split_an_element_off_an_array_and_a_split_one
 
 
 def test_an_array_altered_in_the_database_splits_off_nothing_more():
-    core, out, writer, clock = new_core()
-    register(core)
-    writer.complete()
-    submit(core, ALICE, array="0-9", hold=True)
-    writer.complete()
+    core, out, writer, clock = held_array()
     writer.live[0]["argv"] = ["sh", "-c", "id > /tmp/pwned"]      # the database is no root authority
     core, out, writer, clock = new_core(FakeWriter(writer.state()))
     register(core)

@@ -25,7 +25,7 @@ import signal
 import socket
 import struct
 
-from .taskchild import DAEMON_SIGNALS, PR_SET_PDEATHSIG, ChildSpec, TaskChild, _libc
+from .taskchild import PR_SET_PDEATHSIG, ChildSpec, TaskChild, _libc
 
 HEADER = struct.Struct(">I")
 # Seconds the daemon waits for the spawner to answer a request before it gives it up.
@@ -205,18 +205,12 @@ def fork_task(request, report_w):
     spec = ChildSpec(**request["spec"])
     child = TaskChild(spec, request["rank"], request["env"], report_w,
                       tuple(request["identity"]) if request["identity"] else None, request["join_files"])
-    parent = os.getpid()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     try:
-        pid = os.fork()
+        pid = child.fork()
     except OSError as e:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(report_w)
         return {"errno": e.errno, "error": f"cannot start a process: {e.strerror}"}
-    if pid == 0:
-        child.start(parent)               # never returns
-    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    os.close(report_w)
+    finally:
+        os.close(report_w)                # the child has its own
     return {"pid": pid}
 
 

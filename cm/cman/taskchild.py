@@ -118,6 +118,20 @@ class TaskChild:
         os.write(self.report_fd, f"{code}\t{message}".encode(errors="replace")[:4000])
         os._exit(code)
 
+    def fork(self):
+        """Fork the child that runs this; its pid, here in the parent (the child never returns).
+        The parent's signals are blocked across the fork, so that the child never runs a
+        handler of the parent's."""
+        parent = os.getpid()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self.start(parent)        # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return pid
+
     def start(self, parent):
         """In the forked child: a session of its own, the usual umask and signals, no stdin.
         The daemon's signals were blocked across the fork: here they get their default

@@ -33,7 +33,7 @@ import psutil
 from . import spawner as spawners
 from .cgroups import ProcessGroups
 from .messages import task_end
-from .taskchild import DAEMON_SIGNALS, ChildSpec, TaskChild, _libc
+from .taskchild import ChildSpec, TaskChild, _libc
 from .vocab import EndCause
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -210,19 +210,12 @@ class Runner:
         join_files = group.join_files() if group else ()
         if self.spawner is not None:
             return self._spawn(spec, key, env, report_r, report_w, identity, join_files)
-        child = TaskChild(ChildSpec.of(spec), rank, env, report_w, identity, join_files)
-        parent = os.getpid()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
         try:
-            pid = os.fork()
+            pid = TaskChild(ChildSpec.of(spec), rank, env, report_w, identity, join_files).fork()
         except OSError as e:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(report_r)
             os.close(report_w)
             return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror}")
-        if pid == 0:
-            child.start(parent)           # never returns
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(report_w)
         self._started(spec, key, pid, report_r)
         return None
