@@ -108,6 +108,8 @@ class JobGroup:
     def kill_all(self):
         """SIGKILL every process in it, again while some fork anew; with v1's freezer they
         are frozen first, so that none can. Returns True once none is left."""
+        if not self.pids():
+            return True                   # empty: nothing in it can fork, nothing to freeze
         freezer = self.dirs.get("freezer")
         if freezer:
             self._freeze(freezer, "FROZEN")
