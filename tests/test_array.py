@@ -119,6 +119,8 @@ def test_pending_elements_fold_into_one_line_and_cancel_takes_one_or_all(cluster
     assert view["array"]["ended"] == {"CANCELLED": 4} and "6 never started" in view["reason"]
     for task in (1, 2, 9):
         assert cluster.job(f"{array}_{task}")["state"] == "CANCELLED"
+    proc = cluster.cm("cmkill", f"{array}_3")
+    assert proc.stderr.strip() == f"cmkill: error: job {array}_3: array {array} has already ended (CANCELLED)"
 
 
 def test_wait_waits_for_every_element_and_exits_with_the_highest_code(cluster, workdir):
@@ -141,9 +143,19 @@ def test_a_dependency_on_an_array_means_all_its_elements(cluster, workdir):
         assert f.read().strip() == "4"
     wait_until(lambda: cluster.job(after_not_ok)["reason"] == "DependencyNeverSatisfied", what="never satisfied")
     cluster.ok("cmkill", str(after_not_ok))
-    # One failing element is enough for afternotok, and afterok can never be.
-    failing = cluster.submit("--array", "0-2", "sh", "-c", "exit $CM_ARRAY_TASK_ID", cwd=workdir)
-    cluster.wait_state(cluster.submit("-d", f"afternotok:{failing}", "true", cwd=workdir), "COMPLETED")
+    # One failing element is enough for afternotok, and afterok can never be; an element alone
+    # is named as everywhere else (ID_TASK).
+    failing = cluster.submit("--hold", "--array", "0-2", "sh", "-c", "exit $CM_ARRAY_TASK_ID", cwd=workdir)
+    not_ok = cluster.submit("-d", f"afternotok:{failing}", "true", cwd=workdir)
+    first_ok = cluster.submit("-d", f"afterok:{failing}_0", "true", cwd=workdir)
+    second_ok = cluster.submit("-d", f"afterok:{failing}_1", "true", cwd=workdir)
+    cluster.ok("cmctl", "release", str(failing))
+    cluster.wait_state(not_ok, "COMPLETED")
+    cluster.wait_state(first_ok, "COMPLETED")
+    wait_until(lambda: cluster.job(second_ok)["reason"] == "DependencyNeverSatisfied", what="never satisfied")
+    cluster.ok("cmkill", str(second_ok))
+    proc = cluster.cm("cmrun", "-d", f"afterok:{failing}_7", "true", cwd=workdir)
+    assert proc.returncode == 2 and "no live array" in proc.stderr
 
 
 def test_an_array_is_held_and_released_whole(cluster, workdir):
@@ -161,8 +173,14 @@ def test_a_batch_script_array_takes_its_spec_from_a_cm_line(cluster, workdir):
     os.chmod(path, 0o755)
     array = cluster.submit("./sweep.sh", cwd=workdir)
     view = cluster.wait_state(array, "COMPLETED")
-    assert view["name"] == "sweep"
+    assert view["name"] == "sweep" and view["elapsed"] >= 0 and view["start_time"] is not None
     assert logs_of(workdir, array) == {0: ["lr=0"], 1: ["lr=1"], 2: ["lr=2"]}
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n#CM -J sweep\n#CM --array 5-3\necho never\n")
+    proc = cluster.cm("cmrun", "./sweep.sh", cwd=workdir)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("cmrun: error: ./sweep.sh:3: -a/--array: '5-3': '5-3' ends before it begins"), \
+        proc.stderr
 
 
 def test_bad_specs_are_refused_naming_the_value_and_nothing_is_submitted(cluster, workdir):
@@ -195,3 +213,12 @@ def test_elements_survive_head_restarts_and_none_runs_twice(own_cluster, tmp_pat
     with open(os.path.join(workdir, "runs")) as f:
         runs = sorted(int(line) for line in f)
     assert runs == list(range(30)), "an element was lost or ran twice"
+
+
+def test_the_first_ctrl_c_on_an_array_says_how_far_its_elements_are():
+    from cman.cli.cmrun import state_line
+    array = {"id": 12, "state": "PENDING", "node_list": [],
+             "array": {"pending_count": 6, "ended": {"COMPLETED": 1, "FAILED": 1}}}
+    elements = [{"state": "RUNNING"}, {"state": "RUNNING"}, {"state": "PENDING"}]
+    assert state_line(12, [array, *elements]) == "array 12: 2 running, 7 pending, 2 ended"
+    assert state_line(7, [{"state": "RUNNING", "node_list": ["node1"]}]) == "job 7 is RUNNING on node1"

@@ -75,8 +75,10 @@ def parse(text, max_size, max_len=MAX_SPEC):
 
 
 def _number(word, text, what):
-    if not (word.isdigit() and word.isascii()) or len(word) > 12:
+    if not (word.isdigit() and word.isascii()):
         raise ArraySpecError(f"{text!r}: {word!r} is not a whole number ({what})")
+    if len(word) > 12:
+        raise ArraySpecError(f"{text!r}: {word[:20]!r}{'...' if len(word) > 20 else ''} is too large ({what})")
     return int(word)
 
 
@@ -263,7 +265,7 @@ def take(state, position):
 
 def summary(state):
     """'998 COMPLETED, 2 FAILED' (and the elements that never started, if the array was cancelled)."""
-    parts = [f"{n} {what}" for what, n in sorted(state["ended"].items(), key=lambda item: -item[1])]
+    parts = [f"{n} {what}" for what, n in sorted(state["ended"].items(), key=lambda item: (-item[1], item[0]))]
     never = state["count"] - sum(state["ended"].values())
     if never > 0:
         parts.append(f"{never} never started")

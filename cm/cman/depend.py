@@ -3,7 +3,8 @@ and deciding, from the states of the jobs depended on, whether a pending
 job may start, must wait, or never can. Pure: the head's queue keeps the
 states (queue.py) and acts on the answer.
 
-    after:ID[:ID...]       each ID has started (or was cancelled before it could)
+    after:ID[:ID...]       each ID has started (or was cancelled before it could); an ID
+                           is a job, an array (all its elements) or an element (12_7)
     afterok:ID[:ID...]     each ID ended COMPLETED
     afternotok:ID[:ID...]  each ID ended in any other final state
     afterany:ID[:ID...]    each ID ended
@@ -41,9 +42,13 @@ def parse(text):
             raise DependencyError(f"{part!r}: want TYPE:JOBID[:JOBID...] with TYPE one of "
                                   f"{', '.join(TYPES)}, or singleton")
         for word in ids.split(":"):
-            if not (word.isdigit() and word.isascii()) or len(word) > 15:
-                raise DependencyError(f"{part!r}: {word!r} is not a job id")
-            terms.append({"type": kind, "job": int(word), "state": None})
+            array, sep, task = word.partition("_")
+            if not all(w.isdigit() and w.isascii() and len(w) <= 15 for w in ([array, task] if sep else [word])):
+                raise DependencyError(f"{part!r}: {word!r} is not a job id (12, or 12_7 for an array's element)")
+            if sep:                       # an array's element: the head names it by its own id
+                terms.append({"type": kind, "job": None, "element": [int(array), int(task)], "state": None})
+            else:
+                terms.append({"type": kind, "job": int(word), "state": None})
     if len(terms) > MAX_TERMS:
         raise DependencyError(f"more than {MAX_TERMS} jobs to depend on")
     return {"any": any_of, "singleton": singleton, "terms": terms}

@@ -99,7 +99,7 @@ def read_script(path):
         raise UsageError(f"{path}: a batch script must be UTF-8 text") from None
 
 
-def script_options(path, text):
+def script_options(path, text, max_array_size):
     """The options of a script's leading #CM lines (those before its first command), each
     line checked on its own; UsageError naming the line."""
     import shlex
@@ -111,8 +111,11 @@ def script_options(path, text):
                 continue                  # #CMD, #CMAKE, ...: a comment of its own
             try:
                 words = shlex.split(stripped[3:])
-                if parser().parse(words + ["--", "x"]).command != ["x"]:
+                line_args = parser().parse(words + ["--", "x"])
+                if line_args.command != ["x"]:
                     raise UsageError(f"#CM lines hold cmrun's options only, not a command: {stripped[3:].strip()!r}")
+                if line_args.array is not None:
+                    check_array(line_args.array, max_array_size)
             except (ValueError, UsageError) as e:      # shlex's open quote, or a bad option
                 raise UsageError(f"{path}:{number}: {e}") from None
             options += words
@@ -137,7 +140,7 @@ def job_request(args, settings):
         raise UsageError("no command given")
     script = read_script(args.command[0])
     if script is not None:
-        merge_script_options(args, script_options(args.command[0], script))
+        merge_script_options(args, script_options(args.command[0], script, settings.max_array_size))
     if args.name is not None and not (0 < len(args.name) <= 256):
         raise UsageError("-J/--name: want 1 to 256 characters")
     workdir = os.path.abspath(args.chdir or os.getcwd())
@@ -175,15 +178,19 @@ def job_request(args, settings):
     if args.kill_on_invalid_dep:
         fields["kill_on_invalid_dep"] = True
     if args.array is not None:
-        from .. import arrays
-        try:
-            arrays.parse(args.array, settings.max_array_size)
-        except arrays.ArraySpecError as e:
-            raise UsageError(f"-a/--array: {e}") from None
+        check_array(args.array, settings.max_array_size)
         fields["array"] = args.array
     if args.wait:
         fields["wait"] = True
     return fields
+
+
+def check_array(spec, max_array_size):
+    from .. import arrays
+    try:
+        arrays.parse(spec, max_array_size)
+    except arrays.ArraySpecError as e:
+        raise UsageError(f"-a/--array: {e}") from None
 
 
 def is_text(text):
@@ -241,10 +248,22 @@ def wait_interruptibly(settings, conn, job_id, detach, follow=None):
                 last_interrupt = None
                 continue
             last_interrupt = now
-            job = request(settings, Op.INFO, jobs=True, job_ids=[job_id])["jobs"][0]
-            where = f" on {','.join(job['node_list'])}" if job["node_list"] else ""
-            print(f"cmrun: job {job_id} is {job['state']}{where} (Ctrl-C again within "
-                  f"{SECOND_INTERRUPT:g} s cancels it)", file=sys.stderr, flush=True)
+            jobs = request(settings, Op.INFO, jobs=True, job_ids=[job_id])["jobs"]
+            print(f"cmrun: {state_line(job_id, jobs)} (Ctrl-C again within {SECOND_INTERRUPT:g} s cancels it)",
+                  file=sys.stderr, flush=True)
+
+
+def state_line(job_id, jobs):
+    """'job 7 is RUNNING on node1', or an array's 'array 12: 2 running, 8 pending, 0 ended'
+    (jobs: what cminfo -j shows of it, an array first and then its live elements)."""
+    job = jobs[0]
+    array = job.get("array")
+    if array is None or job["state"] != JobState.PENDING:
+        where = f" on {','.join(job['node_list'])}" if job["node_list"] else ""
+        return f"{'array' if array else 'job'} {job_id} is {job['state']}{where}"
+    running = sum(1 for j in jobs[1:] if j["state"] == JobState.RUNNING)
+    pending = array["pending_count"] + sum(1 for j in jobs[1:] if j["state"] == JobState.PENDING)
+    return f"array {job_id}: {running} running, {pending} pending, {sum(array['ended'].values())} ended"
 
 
 def main(args):

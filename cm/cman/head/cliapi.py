@@ -141,6 +141,17 @@ class CliApi:
             except depend.DependencyError as e:
                 self.out.reply(caller, Invalid(error=f"-d/--dependency: {e}", usage=True))
                 return
+            for term in dependency["terms"]:
+                if "element" in term:     # 12_7: the element's own id, while its array lives
+                    array_id, task = term.pop("element")
+                    template, position = self.queue.array_element(array_id, task)
+                    if template is None:
+                        why = (f"array {array_id} has no task {task}" if array_id in self.queue.arrays else
+                               f"no live array {array_id}: name an element of an array that has ended by its own "
+                               f"id (cminfo -j {array_id}_{task} shows it)")
+                        self.out.reply(caller, Invalid(error=f"-d/--dependency: {why}", usage=True))
+                        return
+                    term["job"] = arrays.element_id(array_id, position)
             unknown = [t["job"] for t in dependency["terms"] if not self.queue.exists(t["job"])]
             if unknown:
                 self.out.reply(caller, Invalid(error=f"-d/--dependency: no job {unknown[0]}", usage=True))

@@ -357,9 +357,11 @@ class JobQueue:
             template = self.arrays.get(array_id)
             if template is None:
                 known = self.get(array_id)
-                if (known is not None and not known.is_array) or not self.exists(array_id):
+                if known is not None and known.is_array:
+                    return None, f"array {array_id} has already ended ({known.state})"
+                if known is not None or self.array_holding(array_id)[0] is not None or not self.exists(array_id):
                     return None, f"no array {array_id}"
-                return None, "already ended"
+                return None, f"no live array {array_id} (it has ended, or {array_id} is no array)"
             position = template.tasks.position(task)
             if position is None:
                 return None, f"array {array_id} has no task {task} (its tasks: {arrays.fold(template.tasks)})"
@@ -469,6 +471,10 @@ class JobQueue:
         # so that a head restarting in between never runs the job twice.
         changed = lifecycle.transition(job, JobState.RUNNING, self.wall())
         self.dependency_changed(job)
+        template = self.arrays.get(job.array_id) if job.array_id is not None else None
+        if template is not None and template.start_time is None:
+            template.start_time = job.start_time          # an array starts with its first element
+            self.write_job(template, ("start_time",))
         job.launched = False
         for name in names:
             self.allocate(job, name)
