@@ -1,7 +1,9 @@
 """Task processes on a compute node: start, signal, time out, reap.
 
-Each task is a direct fork/exec of the job's command in its own session and
-process group, in the job's working directory, with its output in
+Each task is a fork and exec of the job's command in its own session and
+process group (forked by the node's task spawner, spawner.py, which reports
+its exit status here; or here, without one), in the job's working directory,
+with its output in
 <workdir>/cmlogs/<job>/<rank>.out and .err (an array's element's in
 cmlogs/<array>_<task>/). A daemon running as root starts it as the
 submitting user (uid, gid, groups); one running as an ordinary user runs
@@ -21,6 +23,7 @@ opens the log files (never through a link), so that a user reaches only
 what the user could reach anyway. What goes wrong there (a directory the
 user may not enter, logs that cannot be written, a command that cannot
 run) comes back to the daemon through a pipe, as the task's launch failure.
+The child's side of that is taskchild.py.
 """
 import ctypes
 import logging
