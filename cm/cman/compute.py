@@ -105,7 +105,8 @@ class Compute:
         self.stopping = True
 
     def watch_fd(self, fd, on):
-        """A task's report pipe, watched until its exec (tasks.Runner.on_report)."""
+        """A task's report pipe, watched until its exec (tasks.Runner.on_report), or the task
+        spawner's socket, whose exit reports the step's collect_ended() reaps."""
         if on:
             self.poller.register(fd, zmq.POLLIN)
         else:

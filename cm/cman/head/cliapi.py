@@ -330,7 +330,6 @@ class CliApi:
         reply.jobs = [job.view(now) for job in sorted(shown_jobs, key=lambda job: job.id)]
         self.out.reply(caller, reply)
 
-
     # ---- cancel and wait ----
 
     def on_cancel(self, caller, msg):

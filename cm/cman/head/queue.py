@@ -341,10 +341,10 @@ class JobQueue:
             self.pending.remove(template.id)
         self.retire_array_if_done(template)
 
-    def resolve(self, ref, split=False, uid=0):
-        """The live job a reference names, (job, None), or (None, why not). ref: a job id,
-        or (array id, task id). With split, an element not yet split off its array is,
-        early, to be held or cancelled on its own by uid, its owner or root."""
+    def resolve(self, ref, uid):
+        """The live job a reference names, to be held or cancelled by uid: (job, None), or
+        (None, why not). ref: a job id, or (array id, task id). An element not yet split off
+        its array is split off early, for its owner or root."""
         if isinstance(ref, int):
             job = self.jobs.get(ref)
             if job is not None:
@@ -372,8 +372,6 @@ class JobQueue:
             return None, self.why_gone(arrays.element_id(template.id, position))
         if template.array_state["dropped"]:
             return None, f"already ended ({JobState.CANCELLED})"
-        if not split:
-            return None, "not started yet"
         if uid not in (0, template.uid):
             return None, f"permission denied: it belongs to {template.user}"
         first, last = template.id + 1, template.id + template.array["count"]   # its pending elements:
@@ -616,7 +614,7 @@ class JobQueue:
     def hold(self, ref, uid, held):
         """Hold a pending job back from starting, or release it; returns its line of the reply.
         An array: its elements not yet started, each pending one and those not split off."""
-        job, why = self.resolve(ref, split=True, uid=uid)
+        job, why = self.resolve(ref, uid)
         if job is None:
             return {"ok": False, "error": why}
         if uid not in (0, job.uid):
@@ -642,7 +640,7 @@ class JobQueue:
     def cancel(self, ref, uid, who):
         """cmkill of one job (or array, or array element) by uid (whose name is who);
         returns its line of the reply."""
-        job, why = self.resolve(ref, split=True, uid=uid)
+        job, why = self.resolve(ref, uid)
         if job is None:
             return {"ok": False, "error": why}
         if uid not in (0, job.uid):
