@@ -32,8 +32,11 @@ COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_
                $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml -f $(NODES_FILE) \
                $(if $(PUBLISH),-f $(CURDIR)/docker-compose.publish.yml)
 FERRETDB    := .build/cm-ferretdb
+# The C twin of cm/cman/taskchild.py that starts each task (without it, tasks are forked in Python).
+TASK_HELPER := cm/libexec/cm-task
+CC          ?= cc
 DEBS        := python3-zmq python3-pymongo python3-mongoengine python3-psutil \
-               python3-pytest python3-pytest-timeout python3-docker docker-compose mmdebstrap
+               python3-pytest python3-pytest-timeout python3-docker docker-compose mmdebstrap gcc libc6-dev
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Which database image: decided once per make run, only by targets that need it.
@@ -42,7 +45,7 @@ DB_IMAGE     = $(if $(filter mongo,$(DB_KIND)),$(MONGO_IMAGE),cm-ferretdb:latest
 # mongo checks credentials; FerretDB does not, so the head reaches it on a socket only root may use.
 DB_URL       = $(if $(filter mongo,$(DB_KIND)),mongodb://cm@db:27017/cm?authSource=admin,mongodb://%2Frun%2Fcm-db%2Fdb.sock/cm)
 
-.PHONY: all up images keys node-keys host-tools exec-head down clean logs test unit deps ferretdb local local-down bench help
+.PHONY: all up images keys node-keys host-tools exec-head down clean logs test unit deps ferretdb helper local local-down bench help
 
 all: up ## Start the container cluster (NODES compute nodes, default 3) and show it
 
@@ -87,7 +90,7 @@ $(NODES_FILE): | host-tools
 	@mkdir -p $(CM_DRIVE)/etc
 	@$(HOST_PYTHON) scripts/cluster compose-nodes --nodes $(NODES) --project $(PROJECT) --out $(NODES_FILE)
 
-images: host-tools $(if $(filter ferretdb,$(DB_KIND)),ferretdb-image) ## Build the images that are missing or out of date
+images: host-tools helper $(if $(filter ferretdb,$(DB_KIND)),ferretdb-image) ## Build the images that are missing or out of date
 	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
 	@scripts/build-image -t cm-head:latest -f headnode/Dockerfile .
 	@scripts/build-image -t cm-compute:latest -f computenode/Dockerfile .
@@ -123,7 +126,7 @@ clean: | $(NODES_FILE) ## Remove the containers, the project's images and the da
 logs: | $(NODES_FILE) ## The daemons' recent logs (the database's: make logs SERVICE=db)
 	@$(COMPOSE) logs --no-color --tail=100 $(or $(SERVICE),head $(shell sed -n 's/^ *"\(compute[0-9]*\)": {/\1/p' $(NODES_FILE)))
 
-test: deps ferretdb ## Run every test (installs what is missing first)
+test: deps ferretdb $(TASK_HELPER) ## Run every test (installs what is missing first)
 	$(PYTHON) -m pytest -p no:cacheprovider --timeout 900 -q tests
 
 unit: ## Only the tests that need no cluster
@@ -131,12 +134,12 @@ unit: ## Only the tests that need no cluster
 	  tests/test_jobs.py tests/test_messages.py tests/test_config.py tests/test_users.py tests/test_cli.py \
 	  tests/test_core.py
 
-bench: deps ferretdb ## cm against Slurm on this machine (QUICK=1: a few minutes; CM_ONLY=1: without Slurm)
+bench: deps ferretdb $(TASK_HELPER) ## cm against Slurm on this machine (QUICK=1: a few minutes; CM_ONLY=1: without Slurm)
 	@$(if $(CM_ONLY),,dpkg -s slurm-wlm munge >/dev/null 2>&1 || { echo "installing slurm-wlm munge"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; })
 	$(PYTHON) bench/run.py $(if $(QUICK),--quick) $(if $(CM_ONLY),--cm-only)
 
-local: deps ferretdb ## A cluster of local processes instead of containers (cmcluster)
+local: deps ferretdb helper ## A cluster of local processes instead of containers (cmcluster)
 	@$(PYTHON) cm/bin/cmcluster status --dir $(CLUSTER_DIR) >/dev/null 2>&1 \
 	  || $(PYTHON) cm/bin/cmcluster up --nodes $(NODES) --dir $(CLUSTER_DIR) >/dev/null
 	@CM_SOCKET=$(CLUSTER_DIR)/cm.sock $(PYTHON) cm/bin/cminfo
@@ -161,6 +164,14 @@ ferretdb: $(FERRETDB) ## Build the MongoDB-wire server used by local clusters, t
 $(FERRETDB): ferretdb/main.go ferretdb/go.mod ferretdb/go.sum
 	@command -v $(GO) >/dev/null 2>&1 || { echo "make: building FerretDB needs Go 1.24 or later (GO=/path/to/go), or DB=mongo where the mongo image can be pulled" >&2; exit 1; }
 	cd ferretdb && CGO_ENABLED=0 $(GO) build -trimpath -o ../$(FERRETDB) .
+
+helper: ## Build cm-task, which starts each task (skipped, with a warning, where there is no C compiler)
+	@if command -v $(CC) >/dev/null 2>&1; then $(MAKE) --no-print-directory -q $(TASK_HELPER) || $(MAKE) --no-print-directory $(TASK_HELPER); \
+	else echo "make: no C compiler ($(CC)): cm-task not built; compute nodes fork their tasks in Python, which costs more CPU per task" >&2; fi
+
+# Static: the same binary runs on the host and in the compute image, whatever the host's C library.
+$(TASK_HELPER): cm/libexec/cm-task.c
+	$(CC) -O2 -Wall -Wextra -static -o $@ $<
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/^all:/:/' | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'

@@ -1,8 +1,13 @@
 """The compute node's parts that need no cluster: its task runner, containment
 detection, node keys and seals, each with real processes and files."""
 import os
+import pathlib
+import shutil
 import signal
+import tempfile
 import time
+
+import pytest
 
 import zmq.auth
 from zmq.utils import z85
@@ -119,3 +124,186 @@ def test_the_spawner_forks_the_tasks_and_reports_their_ends_and_a_dead_one_is_re
     finally:
         if runner.spawner is not None:
             runner.spawner.close()
+
+
+# ---- how a task starts: cm-task (C), the spawner's fork, the daemon's fork: the same steps ----
+
+USER_ID = 424201 if os.geteuid() == 0 else os.geteuid()   # a task of another user's, where we are root
+
+
+class FakeGroup:
+    """A job cgroup whose cgroup.procs is a plain file: what a task writes there shows."""
+    def __init__(self, path):
+        self.path = path
+
+    def join_files(self):
+        return [self.path]
+
+    def signal(self, sig):
+        pass
+
+    def out_of_memory(self):
+        return False
+
+    def remove(self):
+        return True
+
+
+class FakeContainment:
+    name, controllers = "fake", ()
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def job_group(self, job, attempt, cpus, mem_mb):
+        return FakeGroup(os.path.join(self.directory, f"procs.{job}"))
+
+
+def user_launch(job_id, workdir, argv, **fields):
+    spec = launch(job_id, workdir, argv)
+    spec.__dict__.update(uid=USER_ID, gid=USER_ID, **fields)
+    return spec
+
+
+def start_cases(tmp_path):
+    """Each case: (job, launch, what to set up first); the same for every way of starting."""
+    work = tmp_path / "work"
+    work.mkdir()
+    os.chown(work, USER_ID, USER_ID)
+    shut = tmp_path / "shut"
+    shut.mkdir(mode=0o700)
+    (work / "not-executable").write_text("#!/bin/sh\n")
+    os.chown(work / "not-executable", USER_ID, USER_ID)
+    env_cmd = ("echo job=$CM_JOB_ID task=$CM_ARRAY_TASK_ID; pwd; echo to-err >&2; id -u; umask; "
+               "grep -E '^(SigBlk|SigIgn|CapEff)' /proc/self/status; ls /proc/self/fd | tr '\\n' ' '")
+
+    def plant(job, make):
+        """Before job starts: its log directory, the user's, and make(where its 0.out goes)."""
+        def setup():
+            logs = work / "cmlogs"
+            for directory in (logs, logs / str(job)):
+                directory.mkdir(exist_ok=True)
+                os.chown(directory, USER_ID, USER_ID)
+            make(logs / str(job) / "0.out")
+        return setup
+
+    def previous_output(path):
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
+            f.write("attempt 0\n")
+        os.chown(path, USER_ID, USER_ID)
+
+    def foreign_dir():
+        (work / "cmlogs").mkdir(exist_ok=True)
+        os.chown(work / "cmlogs", USER_ID, USER_ID)
+        (work / "cmlogs" / "8").mkdir()           # root's, in the user's cmlogs
+
+    return [
+        (1, user_launch(1, str(work), ["sh", "-c", env_cmd], array={"job": 1, "task": 7, "count": 9, "min": 0,
+                                                                       "max": 8}), None),
+        (2, user_launch(2, str(work), ["no-such-command"]), None),
+        (3, user_launch(3, str(work), ["./not-executable"]), None),
+        (4, user_launch(4, str(work), ["job.sh", "an-arg"], script="#!/bin/sh\necho from-script $1 $0\n"), None),
+        (5, user_launch(5, str(work), ["true"]), plant(5, lambda p: os.symlink("/etc/passwd", p))),
+        (6, user_launch(6, str(shut), ["true"]), None),
+        (7, user_launch(7, str(work), ["true"], attempt=1), plant(7, previous_output)),
+        (8, user_launch(8, str(work), ["true"]), foreign_dir if os.geteuid() == 0 else None),
+        (9, user_launch(9, str(work), ["true"]), plant(9, lambda p: os.mkfifo(p) or os.chown(p, USER_ID, USER_ID))),
+    ], work
+
+
+def run_cases(tmp_path, how):
+    from cman import spawner as spawners
+    from cman.taskchild import ChildSpec, helper_path, log_dir_name
+    cases, work = start_cases(tmp_path)
+    spawner = spawners.start() if how == "spawner" else None
+    helper = helper_path() if how == "helper" else None
+    runner = Runner("n1", kill_grace=1.0, clock=time.monotonic, spawner=spawner, helper=helper,
+                    containment=FakeContainment(str(tmp_path)))
+    results = {}
+    try:
+        for case, spec, setup in cases:
+            if setup:
+                setup()
+            ends = runner.launch(spec) or ends_of(runner, 1)
+            (end,) = ends
+            out = work / log_dir_name(ChildSpec.of(spec)) / "0.out"
+            text = out.read_text() if out.is_file() and not out.is_symlink() else None
+            message = end["message"].replace(str(tmp_path), "TMP")
+            results[case] = (end["cause"], end["exit_code"], message, text)
+            if case == 1:
+                results["joined"] = (tmp_path / "procs.1").read_text()
+            if case == 7:
+                results["kept"] = (work / "cmlogs" / "7" / "0.out.0").read_text()
+    finally:
+        if spawner is not None:
+            spawner.close()
+    return results
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary directory another user may pass through (pytest's are root's alone)."""
+    directory = tempfile.mkdtemp(prefix="cmtask-")
+    os.chmod(directory, 0o755)
+    yield pathlib.Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_cm_task_the_spawner_and_the_daemon_start_a_task_the_same_way(open_tmp):
+    from cman.taskchild import helper_path
+    # Under CI nothing is skipped: cm-task is built by the README's test command (make test).
+    assert helper_path(), "cm/libexec/cm-task is not built: run `make helper`"
+    results = {}
+    for how in ("helper", "spawner", "fork"):
+        (open_tmp / how).mkdir(mode=0o755)
+        results[how] = run_cases(open_tmp / how, how)
+    helper = results["helper"]
+    cause, code, message, out = helper[1]
+    assert (cause, code, message) == (EndCause.EXITED, 0, "")
+    lines = out.splitlines()
+    assert lines[0] == "job=1 task=7" and lines[1] == "TMP/work".replace("TMP", str(open_tmp / "helper"))
+    assert lines[2:4] == [str(USER_ID), "0022"]
+    assert lines[4:7] == ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000", "CapEff:\t0000000000000000"]
+    assert lines[7].split() == ["0", "1", "2", "3"]      # nothing of the daemon's reached the task
+    assert helper["joined"].split() and helper["joined"].split()[0].isdigit()
+    assert helper[2][:3] == (EndCause.LAUNCH_FAILED, 127, "cannot run 'no-such-command': No such file or directory")
+    assert helper[3][:3] == (EndCause.LAUNCH_FAILED, 126, "cannot run './not-executable': Permission denied")
+    assert helper[4][::3] == (EndCause.EXITED, "from-script an-arg cmlogs/4/script\n")
+    assert helper[5][:2] == (EndCause.LAUNCH_FAILED, 1) and "Too many levels of symbolic links" in helper[5][2]
+    assert helper[6][:3] == (EndCause.LAUNCH_FAILED, 1, "cannot enter working directory TMP/shut: Permission denied")
+    assert helper[7][:2] == (EndCause.EXITED, 0) and helper["kept"] == "attempt 0\n"
+    if os.geteuid() == 0:
+        assert helper[8][:3] == (EndCause.LAUNCH_FAILED, 1, f"TMP/work/cmlogs/8 is not a directory of {USER_ID}'s")
+    assert helper[9][:2] == (EndCause.LAUNCH_FAILED, 1) and "No such device or address" in helper[9][2]
+    # The Python twins do the same: the same ends, messages and output, case by case.
+    for how in ("spawner", "fork"):
+        for case in helper:
+            if case == 1:
+                assert results[how][1][:3] == helper[1][:3]
+                assert results[how][1][3].replace(f"/{how}/", "/helper/") == helper[1][3]
+            elif case != "joined":
+                assert results[how][case] == helper[case], (how, case)
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"garbage", b"1:1,", b"1:1,99999999:x,", b"1:2,",                     # short, a lie of a length, another format
+    b"1:1,5:12345,2:-1,2:-1,1:0,1:0,1:/,4:logs,1:0,1:0,0:,1:0,1:0,",           # no command
+    b"1:1,5:12345,2:-1,2:-1,1:0,1:0,1:/,4:logs,1:0,1:0,0:,1:1,4:t\0ue,1:0,",   # a NUL in an argument
+    b"1:1,5:12345,2:-1,2:-1,1:0,1:0,1:/,4:logs,1:x,1:0,0:,1:1,4:true,1:0,",    # a rank that is no number
+])
+def test_cm_task_refuses_a_malformed_request_and_runs_nothing(payload, tmp_path):
+    from cman.taskchild import PAYLOAD_FD, REPORT_FD, helper_path
+    helper = helper_path()
+    assert helper, "cm/libexec/cm-task is not built: run `make helper`"
+    memfd = os.memfd_create("request")
+    os.write(memfd, payload)
+    report_r, report_w = os.pipe()
+    pid = os.posix_spawn(helper, [helper], {}, file_actions=[
+        (os.POSIX_SPAWN_DUP2, memfd, PAYLOAD_FD), (os.POSIX_SPAWN_DUP2, report_w, REPORT_FD)])
+    os.close(report_w)
+    os.close(memfd)
+    report = os.read(report_r, 4096).decode()
+    os.close(report_r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert report.startswith("1\tcm-task: ") and "request" in report

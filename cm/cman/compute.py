@@ -49,7 +49,7 @@ def boot_id():
 
 
 class Compute:
-    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic, spawner=None):
+    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic, spawner=None, helper=None):
         self.cfg, self.name, self.cpus, self.mem_mb, self.clock = cfg, name, cpus, mem_mb, clock
         self.endpoint = f"tcp://{cfg.head_host}:{cfg.head_port}"
         self.heartbeat_interval = cfg.heartbeat_interval
@@ -60,7 +60,10 @@ class Compute:
             raise ConfigError(str(e)) from None
         log.info("node %s contains jobs with %s %s", name, self.containment.name,
                  ",".join(self.containment.controllers))
-        self.spawner = spawner            # forks the tasks (spawner.py), once the poller exists
+        self.helper = helper              # cm-task, which starts each task (taskchild.spawn_helper)
+        log.info("node %s starts tasks with %s", name,
+                 helper or "the task spawner (cm-task was not built: make helper), which forks them")
+        self.spawner = spawner            # or what forks them (spawner.py), once the poller exists
         self.runner = None
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
         self.state_changed = False        # the state file is behind: written at the end of the step
@@ -96,7 +99,7 @@ class Compute:
         })
         self.poller.register(self.signals.fd, zmq.POLLIN)
         self.runner = Runner(self.name, self.cfg.kill_grace, self.clock, self.containment, watch=self.watch_fd,
-                             spawner=self.spawner)
+                             spawner=self.spawner, helper=self.helper)
         become_subreaper()
         self.recover()
         self.connect()
@@ -433,10 +436,11 @@ def _span(ranks):
     return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
 
 
-def serve(cfg, name, cpus, mem_mb, spawner=None):
-    """Run a compute daemon until SIGTERM or SIGINT; spawner: the task spawner, started
-    before this module was loaded (spawner.py), or None to fork tasks here."""
-    node = Compute(cfg, name, cpus, mem_mb, spawner=spawner)
+def serve(cfg, name, cpus, mem_mb, spawner=None, helper=None):
+    """Run a compute daemon until SIGTERM or SIGINT. How it starts tasks: helper, the path of
+    cm-task; else spawner, the task spawner, started before this module was loaded
+    (spawner.py); else it forks them itself."""
+    node = Compute(cfg, name, cpus, mem_mb, spawner=spawner, helper=helper)
     node.open()
     try:
         node.run()

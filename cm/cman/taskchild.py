@@ -5,11 +5,16 @@ logs (never through a link), and exec the command. It runs in a forked child,
 so it makes system calls only (no logging, no locks); what goes wrong is
 written to the report pipe, which the compute daemon reads (tasks.py).
 
+Where cm-task (cm/libexec/cm-task.c, the same steps in C) was built, the
+compute daemon starts that with posix_spawn instead (spawn_helper): no fork
+of a Python process, and a task costs a third of the CPU.
+
 Standard library only: the task spawner (spawner.py), a small process that
 forks the tasks, imports this and little else.
 """
 import ctypes
 import errno
+import fcntl
 import os
 import signal
 import stat
@@ -231,3 +236,70 @@ def exec_from_path(program, argv, env):
             if first_error is None and e.errno not in (errno.ENOENT, errno.ENOTDIR):
                 first_error = e
     raise first_error or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+
+
+# ---- the same steps in C: cm-task ----
+
+# Where cm-task is built (make helper): cm/libexec/cm-task, beside its source.
+HELPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "libexec", "cm-task")
+HELPER_FORMAT = b"1"
+PAYLOAD_FD, REPORT_FD = 3, 4
+
+
+def helper_path(path=HELPER):
+    """cm-task, if it was built and is safe to run as this user: a plain executable file owned
+    by root or by us, that no one else may change (a daemon running as root runs it as root,
+    before it becomes the user). None otherwise: tasks are forked in Python."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if (not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, os.geteuid())
+            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.X_OK)):
+        return None
+    return path
+
+
+def _netstring(value):
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"%d:%s," % (len(data), data)
+
+
+def _netstrings(values):
+    return _netstring(len(values)) + b"".join(_netstring(v) for v in values)
+
+
+def helper_request(spec, rank, env, identity, join_files, parent):
+    """What cm-task reads on its descriptor 3 (the order its main() takes them)."""
+    uid, gid, groups = identity if identity else (-1, -1, [])
+    return b"".join([
+        _netstring(HELPER_FORMAT), _netstring(parent), _netstring(uid), _netstring(gid), _netstrings(groups),
+        _netstrings(join_files), _netstring(spec.workdir), _netstring(log_dir_name(spec)), _netstring(rank),
+        _netstring(spec.attempt), _netstring(spec.script.encode()), _netstrings(spec.argv),
+        _netstrings([f"{k}={v}" for k, v in env.items()]),
+    ])
+
+
+def _above_helper_fds(fd):
+    """fd, or a close-on-exec copy of it above the descriptors cm-task's are moved to."""
+    return fd if fd > REPORT_FD else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, REPORT_FD + 1)
+
+
+def spawn_helper(helper, spec, rank, env, report_w, identity=None, join_files=()):
+    """Start a task as cm-task (posix_spawn: a vfork, nothing of ours is copied); its pid.
+    cm-task gets no arguments and no environment (it starts as root; the job's environment is
+    the user's): its request is a memfd on descriptor 3, the report pipe descriptor 4."""
+    request = helper_request(spec, rank, env, identity, join_files, os.getpid())
+    memfd = os.memfd_create("cm-task", os.MFD_CLOEXEC)
+    copies = []
+    try:
+        view = memoryview(request)
+        while view:
+            view = view[os.write(memfd, view):]
+        payload, report = _above_helper_fds(memfd), _above_helper_fds(report_w)
+        copies = [fd for fd in (payload, report) if fd not in (memfd, report_w)]
+        return os.posix_spawn(helper, [helper], {}, file_actions=[
+            (os.POSIX_SPAWN_DUP2, payload, PAYLOAD_FD), (os.POSIX_SPAWN_DUP2, report, REPORT_FD)])
+    finally:
+        for fd in (memfd, *copies):
+            os.close(fd)

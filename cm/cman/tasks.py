@@ -36,7 +36,7 @@ import psutil
 from . import spawner as spawners
 from .cgroups import ProcessGroups
 from .messages import task_end
-from .taskchild import ChildSpec, TaskChild, _libc
+from .taskchild import ChildSpec, TaskChild, _libc, spawn_helper
 from .vocab import EndCause
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -104,12 +104,15 @@ REMOVE_FOR, REMOVE_EVERY = 60.0, 0.5
 
 
 class Runner:
-    def __init__(self, node_name, kill_grace, clock, containment=None, watch=lambda fd, on: None, spawner=None):
+    def __init__(self, node_name, kill_grace, clock, containment=None, watch=lambda fd, on: None, spawner=None,
+                 helper=None):
         """watch(fd, on): the daemon's poll loop starts (on) or stops watching a report pipe,
-        and calls on_report(fd) when it is readable. spawner: the task spawner (spawner.py)
-        that forks the tasks, or None: they are forked here."""
+        and calls on_report(fd) when it is readable. How tasks start: helper, the path of
+        cm-task (taskchild.spawn_helper: the cheapest); else spawner, the task spawner
+        (spawner.py) that forks them; else they are forked here."""
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
         self.watch = watch
+        self.helper = helper
         self.spawner = spawner
         if spawner is not None:
             watch(spawner.fileno(), True)     # its reports wake the loop, which reaps
@@ -211,6 +214,8 @@ class Runner:
             return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror}")
         env = task_env(spec, rank, local_rank, self.node_name)
         join_files = group.join_files() if group else ()
+        if self.helper is not None:
+            return self._spawn_helper(spec, key, env, report_r, report_w, identity, join_files)
         if self.spawner is not None:
             return self._spawn(spec, key, env, report_r, report_w, identity, join_files)
         try:
@@ -220,6 +225,18 @@ class Runner:
             os.close(report_w)
             return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror}")
         os.close(report_w)
+        self._started(spec, key, pid, report_r)
+        return None
+
+    def _spawn_helper(self, spec, key, env, report_r, report_w, identity, join_files):
+        """Start a task as cm-task (posix_spawn: no fork of this process); ours to reap."""
+        try:
+            pid = spawn_helper(self.helper, ChildSpec.of(spec), key[2], env, report_w, identity, join_files)
+        except OSError as e:
+            os.close(report_r)
+            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror or e}")
+        finally:
+            os.close(report_w)
         self._started(spec, key, pid, report_r)
         return None
 
