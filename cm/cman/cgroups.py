@@ -19,6 +19,7 @@ says so when it registers: cminfo shows each node's containment.
 Nothing here runs between fork and exec but join_files(): the task writes
 its own pid into those files itself, as root, before it becomes the user.
 """
+import itertools
 import logging
 import os
 import signal
@@ -75,10 +76,13 @@ def _counter(path, name):
 class JobGroup:
     """One job attempt's cgroup on this node (one directory per hierarchy used)."""
 
-    def __init__(self, version, dirs):
+    def __init__(self, version, dirs, pool=None):
         self.version = version            # 1 or 2
         self.dirs = dirs                  # {controller or "": path}; v2 has one, under ""
         self.removed = False
+        self.pool = pool                  # where it goes back to once its job has ended (v1), or None
+        self.limits = {}                  # what was written to its limit files: name -> value
+        self.oom_kills_before = 0         # the kernel's count of OOM kills in it, before this job
 
     def join_files(self):
         """The files a task writes its pid into to join the job (every hierarchy's)."""
@@ -138,12 +142,20 @@ class JobGroup:
         """Whether the kernel has killed a process of the job for going over its memory."""
         if self.version == 2:
             return _counter(os.path.join(self.dirs[""], "memory.events"), "oom_kill") > 0
+        return self.oom_kills() > self.oom_kills_before
+
+    def oom_kills(self):
         memory = self.dirs.get("memory")
-        return bool(memory) and _counter(os.path.join(memory, "memory.oom_control"), "oom_kill") > 0
+        return _counter(os.path.join(memory, "memory.oom_control"), "oom_kill") if memory else 0
 
     def remove(self):
-        """Kill what is left and remove the directories; True once they are gone."""
-        self.kill_all()
+        """Kill what is left and remove the directories (or give them back to the pool, for
+        another job); True once they are gone."""
+        if not self.kill_all():
+            return False
+        if self.pool is not None and self.pool.take_back(self):
+            self.removed = True
+            return True
         gone = True
         for directory in self.dirs.values():
             try:
@@ -173,8 +185,19 @@ class ProcessGroups:
 
 
 class CgroupV1:
-    """cgroup v1: <root>/<controller>/<prefix>/<node>/job_<id>.<attempt> in each hierarchy used."""
+    """cgroup v1: <root>/<controller>/<prefix>/<node>/job_<id>.<attempt> in each hierarchy used.
+
+    A job's cgroup, once its job has ended and it is empty, is not removed but renamed
+    free_<n> and given to the next job (renamed after it, its limits rewritten where they
+    differ). Why: a memory cgroup that is removed while pages (the cache of the job's log
+    files, their directory entries) are still charged to it lingers in the kernel, dying,
+    until that memory is reclaimed; thousands of short jobs leave thousands of them, and
+    every cgroup operation on the node slows down. Making and removing four directories a
+    job costs CPU too. cgroup v2 cannot rename a cgroup: there, each job makes its own.
+    """
     CONTROLLERS = ("memory", "cpu", "freezer", "pids")
+    # Emptied cgroups kept for the next jobs; one more is removed.
+    POOL_MAX = 64
 
     def __init__(self, root, prefix, node, mem_mb=0):
         self.root = root
@@ -194,22 +217,85 @@ class CgroupV1:
             _limit(os.path.join(self.bases["memory"], "memory.limit_in_bytes"), str(mem_mb << 20))
         self.name = "cgroup v1"
         self.controllers = sorted(self.bases)
+        self.free = []                    # emptied job cgroups, named free_<n>, for the next jobs
+        self.free_names = itertools.count()
+        self._remove_free_dirs()          # a previous daemon's pool
 
     def job_group(self, job, attempt, cpus, mem_mb):
         leaf = f"job_{job}.{attempt}"
+        group = self._reuse(leaf) or self._make(leaf)
+        self._set_limits(group, cpus, mem_mb)
+        return group
+
+    def _make(self, leaf):
         dirs = {c: os.path.join(base, leaf) for c, base in self.bases.items()}
         for directory in dirs.values():
             os.makedirs(directory, exist_ok=True)
-        if mem_mb and "memory" in dirs:
-            limit = str(mem_mb << 20)
-            _write(os.path.join(dirs["memory"], "memory.limit_in_bytes"), limit)
-            memsw = os.path.join(dirs["memory"], "memory.memsw.limit_in_bytes")
-            if os.path.exists(memsw):         # swap accounting on: no swap beyond the limit
-                _write(memsw, limit)
-        if cpus and "cpu" in dirs and os.path.exists(os.path.join(dirs["cpu"], "cpu.cfs_quota_us")):
-            _write(os.path.join(dirs["cpu"], "cpu.cfs_period_us"), str(CPU_PERIOD_US))
-            _write(os.path.join(dirs["cpu"], "cpu.cfs_quota_us"), str(cpus * CPU_PERIOD_US))
-        return JobGroup(1, dirs)
+        return JobGroup(1, dirs, pool=self)
+
+    def _reuse(self, leaf):
+        """A free cgroup of the pool renamed leaf, or None (none free, or a rename failed)."""
+        while self.free:
+            group = self.free.pop()
+            if _rename_dirs(group, leaf):
+                group.removed = False
+                return group
+            self._remove_dirs(group)      # half renamed (a leftover of that name?): not used again
+        return None
+
+    def take_back(self, group):
+        """An emptied job cgroup joins the pool, renamed free_<n>; False if the pool is full
+        or the rename failed (the caller removes it)."""
+        if len(self.free) >= self.POOL_MAX:
+            return False
+        group.oom_kills_before = group.oom_kills()
+        if not _rename_dirs(group, f"free_{next(self.free_names)}"):
+            return False
+        self.free.append(group)
+        return True
+
+    def _set_limits(self, group, cpus, mem_mb):
+        """The job's memory limit (no swap beyond it) and CPU quota; a file is written only
+        where a reused cgroup's value differs ("-1": none)."""
+        memory, cpu = group.dirs.get("memory"), group.dirs.get("cpu")
+        wanted = str(mem_mb << 20) if mem_mb else "-1"
+        had = group.limits.get("memory", "-1")
+        if memory and wanted != had:
+            files = [os.path.join(memory, "memory.limit_in_bytes")]
+            memsw = os.path.join(memory, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):     # swap accounting on: no swap beyond the limit
+                files.append(memsw)
+            # memsw may never be below the limit: raised first, lowered last.
+            raising = wanted == "-1" or (had != "-1" and int(wanted) > int(had))
+            for path in reversed(files) if raising else files:
+                _write(path, wanted)
+            group.limits["memory"] = wanted
+        wanted = str(cpus * CPU_PERIOD_US) if cpus else "-1"
+        if cpu and wanted != group.limits.get("cpu", "-1") and os.path.exists(os.path.join(cpu, "cpu.cfs_quota_us")):
+            if "cpu_period" not in group.limits:
+                _write(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+                group.limits["cpu_period"] = str(CPU_PERIOD_US)
+            _write(os.path.join(cpu, "cpu.cfs_quota_us"), wanted)
+            group.limits["cpu"] = wanted
+
+    def _remove_dirs(self, group):
+        for directory in group.dirs.values():
+            try:
+                os.rmdir(directory)
+            except OSError as e:
+                log.debug("cannot remove %s: %s", directory, e)
+
+    def _remove_free_dirs(self):
+        for base in self.bases.values():
+            try:
+                names = [e for e in os.listdir(base) if e.startswith("free_")]
+            except OSError:
+                continue
+            for name in names:
+                try:
+                    os.rmdir(os.path.join(base, name))
+                except OSError as e:
+                    log.debug("cannot remove %s/%s: %s", base, name, e)
 
     def leftovers(self):
         """The job cgroups a previous daemon of this node left (it crashed, or was killed)."""
@@ -217,10 +303,14 @@ class CgroupV1:
         for controller, base in self.bases.items():
             for leaf in _job_dirs(base):
                 found.setdefault(leaf, {})[controller] = os.path.join(base, leaf)
-        return [JobGroup(1, dirs) for dirs in found.values()]
+        return [JobGroup(1, dirs, pool=self) for dirs in found.values()]
 
     def close(self):
-        """The daemon stops: remove its (empty) node directories and the prefix's, where empty."""
+        """The daemon stops: remove the pool, its (empty) node directories and the prefix's,
+        where empty."""
+        for group in self.free:
+            self._remove_dirs(group)
+        self.free = []
         for controller, base in self.bases.items():
             _remove_up_to(base, os.path.join(self.root, controller))
 
@@ -307,6 +397,20 @@ def remove_tree(root, prefix):
             except OSError:
                 pass                      # still holds a process, or a cgroup of its own
         _remove_up_to(os.path.dirname(base), top)
+
+
+def _rename_dirs(group, leaf):
+    """Rename the group's directory in every hierarchy to leaf (within its parent); False if
+    one could not be (group.dirs then says where each directory is)."""
+    for controller, directory in list(group.dirs.items()):
+        target = os.path.join(os.path.dirname(directory), leaf)
+        try:
+            os.rename(directory, target)
+        except OSError as e:
+            log.warning("cannot rename cgroup %s to %s: %s", directory, leaf, e.strerror)
+            return False
+        group.dirs[controller] = target
+    return True
 
 
 def _job_dirs(base):
