@@ -72,6 +72,7 @@ class Compute:
         self.resend_ends_at = None        # when the unacknowledged ends are sent again
         self.usage = Usage()
         self.state_path = os.path.join(cfg.state_dir, f"{name}.json")
+        self.boot_id = boot_id()
         self.socket = None
         self.welcomed = False
         self.fenced_for = None            # the last word from the head before a fence (once per silence)
@@ -129,7 +130,7 @@ class Compute:
         except (OSError, ValueError) as e:
             log.warning("ignoring unreadable state file %s: %s", self.state_path, e)
             state = {}
-        rebooted = state.get("boot_id") not in (None, boot_id())
+        rebooted = state.get("boot_id") not in (None, self.boot_id)
         if rebooted and state.get("running"):
             log.warning("the node restarted since %s was written: its %d tasks are gone, and nothing is killed "
                         "(their process ids may belong to others now)", self.state_path, len(state["running"]))
@@ -166,9 +167,10 @@ class Compute:
         running = [{"job": j, "attempt": a, "rank": r, "pid": pid, "create_time": created}
                    for (j, a, r), (pid, created) in self.runner.records().items()]
         tmp = self.state_path + ".tmp"
+        text = json.dumps({"boot_id": self.boot_id, "running": running, "ended": list(self.unacked.values())})
         try:
             with open(tmp, "w") as f:
-                json.dump({"boot_id": boot_id(), "running": running, "ended": list(self.unacked.values())}, f)
+                f.write(text)
             os.replace(tmp, self.state_path)
         except OSError as e:
             log.error("cannot write %s: %s", self.state_path, e)

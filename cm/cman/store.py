@@ -261,7 +261,8 @@ class Store:
         Returns how many were given."""
         by_bucket = {}
         for fields in jobs:
-            doc = {k: v for k, v in fields.items() if k != "env"}
+            # What a document lacks reads back as None (_job_fields): Nones are not stored.
+            doc = {k: v for k, v in fields.items() if k != "env" and v is not None}
             doc["_id"] = str(fields["id"])
             by_bucket.setdefault(bucket_of(fields["id"]), []).append(doc)
         for bucket, docs in sorted(by_bucket.items()):

@@ -22,7 +22,6 @@ back. The head learns of each change of availability, to log it and to
 refuse submissions meanwhile.
 """
 import collections
-import copy
 import logging
 import threading
 import time
@@ -51,8 +50,21 @@ def private(fields):
     """A copy the loop can no longer change: its lists (ended_ranks, node_list ...) and
     objects (an array's state, a dependency) are changed in place by the loop, while the
     writer encodes them on its own thread."""
-    return {k: list(v) if isinstance(v, list) else copy.deepcopy(v) if isinstance(v, dict) else v
-            for k, v in fields.items()}
+    return {k: v if type(v) in SCALARS else _copied(v) for k, v in fields.items()}
+
+
+SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _copied(value):
+    """A deep copy of JSON-shaped data (dicts, lists, scalars): copy.deepcopy's memo and
+    dispatch cost several times more, on every update of a job."""
+    kind = type(value)
+    if kind is dict:
+        return {k: v if type(v) in SCALARS else _copied(v) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in SCALARS else _copied(v) for v in value]
+    return value
 
 
 class Op:
@@ -314,7 +326,8 @@ class Writer(Worker):
             job_id, fields = op.args
             return self._next_record("job", job_id, fields)
         if op.method == "end_job":
-            fields = {k: v for k, v in op.args[0].items() if k != "env"}
+            # A job's final fields, whole: what it lacks reads back as None (store._job_fields).
+            fields = {k: v for k, v in op.args[0].items() if k != "env" and v is not None}
             return self._next_record("end", fields["id"], fields)
         if op.method == "void_job":
             return self._next_record("void", op.args[0], {})
@@ -350,10 +363,11 @@ class Writer(Worker):
         return None
 
     def _fold(self, records):
-        """Keep the live jobs as the journal now holds them."""
+        """Keep the live jobs as the journal now holds them (a record's fields are a private
+        copy already: update_job, end_job and insert_job made it)."""
         for record in records:
             if record["t"] == "job":
-                self.live.setdefault(record["id"], {}).update(private(record["f"]))
+                self.live.setdefault(record["id"], {}).update(record["f"])
             else:                         # "end" and "void": no longer live
                 self.live.pop(record["id"], None)
         self.journal_len += len(records)

@@ -258,7 +258,7 @@ class JobQueue:
     def template_verifies(self, template):
         """Whether an array's record is as the head sealed it; if not, none of its elements
         that have not started ever will (each is sealed anew from it)."""
-        if self.sealer.verify(template):
+        if self.sealer.verify_once(template):
             return True
         log.error("array %d: %s", template.id, ALTERED)
         template.reason = ALTERED
@@ -277,10 +277,11 @@ class JobQueue:
             element.held, element.kill_on_invalid_dep = template.held, template.kill_on_invalid_dep
             element.dependency = copy.deepcopy(template.dependency)
             element.reason = template.reason
-        element.seal = self.sealer.seal(element)
+        self.sealer.sign(element)
         self.jobs[element.id] = element
         template.elements.add(element.id)
-        self.write_job(element, lifecycle.ELEMENT_FIELDS)
+        # Its first record: a field left out reads back as None, as the Nones it would hold.
+        self.write_job(element, [f for f in lifecycle.ELEMENT_FIELDS if getattr(element, f) is not None])
         if early:
             bisect.insort(self.pending, element.id)
             if element.dependency:
@@ -487,7 +488,7 @@ class JobQueue:
             log.error("job %d: the database refused to record its start (%s); it fails", job.id, error)
             lifecycle.set_fate(job, JobState.FAILED)
             job.reason = "the database refused to record its start"
-        elif not self.sealer.verify(job):
+        elif not self.sealer.verify_once(job):
             log.error("job %d: %s", job.id, ALTERED)
             lifecycle.set_fate(job, JobState.FAILED)
             job.reason = ALTERED
