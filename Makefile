@@ -34,9 +34,11 @@ COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_
 FERRETDB    := .build/cm-ferretdb
 # The C twin of cm/cman/taskchild.py that starts each task (without it, tasks are forked in Python).
 TASK_HELPER := cm/libexec/cm-task
-CC          ?= cc
+# musl where it is installed: its start-up is cheaper than glibc's (which asks the CPU for its
+# features and caches, slow in a virtual machine) and a task pays it once.
+TASK_CC     ?= $(shell command -v musl-gcc 2>/dev/null || echo cc)
 DEBS        := python3-zmq python3-pymongo python3-mongoengine python3-psutil \
-               python3-pytest python3-pytest-timeout python3-docker docker-compose mmdebstrap gcc libc6-dev
+               python3-pytest python3-pytest-timeout python3-docker docker-compose mmdebstrap gcc libc6-dev musl-tools
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Which database image: decided once per make run, only by targets that need it.
@@ -166,12 +168,12 @@ $(FERRETDB): ferretdb/main.go ferretdb/go.mod ferretdb/go.sum
 	cd ferretdb && CGO_ENABLED=0 $(GO) build -trimpath -o ../$(FERRETDB) .
 
 helper: ## Build cm-task, which starts each task (skipped, with a warning, where there is no C compiler)
-	@if command -v $(CC) >/dev/null 2>&1; then $(MAKE) --no-print-directory -q $(TASK_HELPER) || $(MAKE) --no-print-directory $(TASK_HELPER); \
-	else echo "make: no C compiler ($(CC)): cm-task not built; compute nodes fork their tasks in Python, which costs more CPU per task" >&2; fi
+	@if command -v $(TASK_CC) >/dev/null 2>&1; then $(MAKE) --no-print-directory -q $(TASK_HELPER) || $(MAKE) --no-print-directory $(TASK_HELPER); \
+	else echo "make: no C compiler ($(TASK_CC)): cm-task not built; compute nodes fork their tasks in Python, which costs more CPU per task" >&2; fi
 
 # Static: the same binary runs on the host and in the compute image, whatever the host's C library.
 $(TASK_HELPER): cm/libexec/cm-task.c
-	$(CC) -O2 -Wall -Wextra -static -o $@ $<
+	$(TASK_CC) -O2 -Wall -Wextra -static -o $@ $<
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/^all:/:/' | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'

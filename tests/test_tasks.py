@@ -285,11 +285,17 @@ def test_cm_task_the_spawner_and_the_daemon_start_a_task_the_same_way(open_tmp):
                 assert results[how][case] == helper[case], (how, case)
 
 
+GOOD_HEAD = b"1\x0012345\x00-1\x00-1\x000\x000\x00/\x00logs\x00"     # format, parent, uid, gid, groups, cgroups,
+                                                                    # working and log directories
+
+
 @pytest.mark.parametrize("payload", [
-    b"", b"garbage", b"1:1,", b"1:1,99999999:x,", b"1:2,",                     # short, a lie of a length, another format
-    b"1:1,5:12345,2:-1,2:-1,1:0,1:0,1:/,4:logs,1:0,1:0,0:,1:0,1:0,",           # no command
-    b"1:1,5:12345,2:-1,2:-1,1:0,1:0,1:/,4:logs,1:0,1:0,0:,1:1,4:t\0ue,1:0,",   # a NUL in an argument
-    b"1:1,5:12345,2:-1,2:-1,1:0,1:0,1:/,4:logs,1:x,1:0,0:,1:1,4:true,1:0,",    # a rank that is no number
+    b"", b"garbage", b"1", b"2\x00",                                      # short, unended, another format
+    GOOD_HEAD + b"0\x000\x00\x000\x000\x00",                               # no command
+    GOOD_HEAD + b"x\x000\x00\x001\x00true\x000\x00",                         # a rank that is no number
+    GOOD_HEAD + b"0\x000\x00\x009\x00true\x000\x00",                         # more arguments than there are
+    GOOD_HEAD + b"0\x000\x00\x001\x00true\x000",                             # the last string unended
+    b"1\x0012345\x00-1\x00-1\x0099999999999\x00",                          # a count out of bounds
 ])
 def test_cm_task_refuses_a_malformed_request_and_runs_nothing(payload, tmp_path):
     from cman.taskchild import PAYLOAD_FD, REPORT_FD, helper_path

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import signal
 import stat
 
@@ -242,8 +243,17 @@ def exec_from_path(program, argv, env):
 
 # Where cm-task is built (make helper): cm/libexec/cm-task, beside its source.
 HELPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "libexec", "cm-task")
-HELPER_FORMAT = b"1"
+HELPER_FORMAT = "1"
 PAYLOAD_FD, REPORT_FD = 3, 4
+
+
+ERROR_NUMBER = re.compile("\x01([0-9]{1,4})\x01")
+
+
+def report_text(message):
+    """A failure report's message with its error numbers in words (cm-task sends them as
+    \\x01N\\x01, for os.strerror: the same words as TaskChild's, whatever C library built it)."""
+    return ERROR_NUMBER.sub(lambda m: os.strerror(int(m[1])), message)
 
 
 def helper_path(path=HELPER):
@@ -260,24 +270,15 @@ def helper_path(path=HELPER):
     return path
 
 
-def _netstring(value):
-    data = value if isinstance(value, bytes) else str(value).encode()
-    return b"%d:%s," % (len(data), data)
-
-
-def _netstrings(values):
-    return _netstring(len(values)) + b"".join(_netstring(v) for v in values)
-
-
 def helper_request(spec, rank, env, identity, join_files, parent):
-    """What cm-task reads on its descriptor 3 (the order its main() takes them)."""
+    """What cm-task reads on its descriptor 3, in the order its main() takes them: strings,
+    each ended by a NUL (no string of a Launch holds one: messages.py refuses them), a list
+    as its length and then its items."""
     uid, gid, groups = identity if identity else (-1, -1, [])
-    return b"".join([
-        _netstring(HELPER_FORMAT), _netstring(parent), _netstring(uid), _netstring(gid), _netstrings(groups),
-        _netstrings(join_files), _netstring(spec.workdir), _netstring(log_dir_name(spec)), _netstring(rank),
-        _netstring(spec.attempt), _netstring(spec.script.encode()), _netstrings(spec.argv),
-        _netstrings([f"{k}={v}" for k, v in env.items()]),
-    ])
+    items = [HELPER_FORMAT, str(parent), str(uid), str(gid), str(len(groups)), *map(str, groups),
+             str(len(join_files)), *join_files, spec.workdir, log_dir_name(spec), str(rank), str(spec.attempt),
+             spec.script, str(len(spec.argv)), *spec.argv, str(len(env)), *[f"{k}={v}" for k, v in env.items()]]
+    return ("\0".join(items) + "\0").encode()
 
 
 def _above_helper_fds(fd):

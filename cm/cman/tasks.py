@@ -36,7 +36,7 @@ import psutil
 from . import spawner as spawners
 from .cgroups import ProcessGroups
 from .messages import task_end
-from .taskchild import ChildSpec, TaskChild, _libc, spawn_helper
+from .taskchild import ChildSpec, TaskChild, _libc, report_text, spawn_helper
 from .vocab import EndCause
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -464,7 +464,7 @@ class Runner:
             cause = task.stop_cause or EndCause.EXITED
             if task.report and task.stop_cause in (None, EndCause.LAUNCH_FAILED):   # it never reached its exec
                 text, _, message = task.report.decode(errors="replace").partition("\t")
-                cause, task.stop_message = EndCause.LAUNCH_FAILED, message
+                cause, task.stop_message = EndCause.LAUNCH_FAILED, report_text(message)
                 exit_code = int(text) if text.isdigit() else 1
             elif task.stop_cause == EndCause.LAUNCH_FAILED:
                 exit_code, sig = 1, None

@@ -11,13 +11,14 @@
  * Its input is never its arguments or its environment (both empty: it runs
  * as root, and the job's environment is the user's, LD_PRELOAD or
  * GLIBC_TUNABLES included; /proc/PID/cmdline is readable by everyone). The
- * daemon passes, as the file on descriptor 3 (a memfd), netstrings
- * ("LEN:BYTES,"): the format's version, the daemon's pid, uid, gid, the
+ * daemon passes, as the file on descriptor 3 (a memfd), strings each ended by
+ * a NUL (a list: its length, then its items): the format's version, the daemon's pid, uid, gid, the
  * number of groups and each group, the number of cgroup.procs files and each,
  * the working directory, the log directory, the rank, the attempt, the
  * script, the number of arguments and each, the number of environment
  * entries and each. Descriptor 4 is the report pipe: closed by the exec (the
- * task runs), or given "CODE<TAB>MESSAGE" and the process ends with CODE.
+ * task runs), or given "CODE<TAB>MESSAGE" and the process ends with CODE (an
+ * error number in MESSAGE as \x01N\x01, which the daemon words).
  *
  * The steps: default signals, a session of its own, umask 022, stdin from
  * /dev/null; join the job's cgroups (as root, before anything of the job's
@@ -54,6 +55,14 @@ static size_t payload_len, cursor;
 
 static void fail(int code, const char *fmt, ...) __attribute__((noreturn, format(printf, 2, 3)));
 
+/* An error number in a report, as the daemon's C library words it (taskchild.report_text):
+ * the same words whichever C library built this, and the same as TaskChild's. */
+static const char *why(int error) {
+    static char token[24];
+    snprintf(token, sizeof token, "\x01%d\x01", error);
+    return token;
+}
+
 static void fail(int code, const char *fmt, ...) {
     char message[4000];
     int head = snprintf(message, sizeof message, "%d\t", code);
@@ -87,28 +96,12 @@ static void read_payload(void) {
     close(PAYLOAD_FD);
 }
 
-/* The next netstring, NUL-terminated in place (the ',' becomes the NUL); *len its length. */
-static char *next_item(size_t *len) {
-    size_t n = 0, i = cursor;
-    while (i < payload_len && payload[i] >= '0' && payload[i] <= '9' && i - cursor < 9)
-        n = n * 10 + (size_t)(payload[i++] - '0');
-    if (i == cursor || i >= payload_len || payload[i] != ':' || n > payload_len - i - 1
-        || i + 1 + n >= payload_len || payload[i + 1 + n] != ',')
-        fail(1, "cm-task: a malformed request");
-    char *item = payload + i + 1;
-    item[n] = '\0';
-    cursor = i + 2 + n;
-    if (len)
-        *len = n;
-    return item;
-}
-
-/* A string item without a NUL inside (a path, an argument, an environment entry). */
+/* The next string: up to the NUL that ends it. */
 static char *next_string(void) {
-    size_t len;
-    char *item = next_item(&len);
-    if (strlen(item) != len)
-        fail(1, "cm-task: a string with a NUL in the request");
+    char *item = payload + cursor, *end = memchr(item, '\0', payload_len - cursor);
+    if (cursor >= payload_len || !end)
+        fail(1, "cm-task: a malformed request");
+    cursor = (size_t)(end - payload) + 1;
     return item;
 }
 
@@ -164,7 +157,7 @@ static void join_cgroups(char **files) {
     for (char **path = files; *path; path++) {
         int fd = open(*path, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC, 0644);
         if (fd < 0 || write(fd, pid, (size_t)len) != len)
-            fail(1, "cannot join the job's cgroup (%s): %s", *path, strerror(errno));
+            fail(1, "cannot join the job's cgroup (%s): %s", *path, why(errno));
         close(fd);
     }
 }
@@ -183,7 +176,7 @@ static void become(long uid, long gid, char **groups, size_t count) {
     }
     if (setgroups(count, list) != 0 || setresgid((gid_t)gid, (gid_t)gid, (gid_t)gid) != 0
         || setresuid((uid_t)uid, (uid_t)uid, (uid_t)uid) != 0)
-        fail(1, "cannot become uid %ld: %s", uid, strerror(errno));
+        fail(1, "cannot become uid %ld: %s", uid, why(errno));
     free(list);
 }
 
@@ -202,21 +195,21 @@ static int open_log(const char *workdir, const char *path) {
     int fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK, 0644);
     struct stat info;
     if (fd < 0 || fstat(fd, &info) != 0)
-        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, strerror(errno));
+        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, why(errno));
     require_own_plain_file(&info, workdir, path);
     if (ftruncate(fd, 0) != 0 || fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
-        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, strerror(errno));
+        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, why(errno));
     return fd;
 }
 
 static void make_log_dir(const char *workdir, const char *dir) {
     if (mkdir("cmlogs", 0755) != 0 && errno != EEXIST)
-        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, strerror(errno));
+        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, why(errno));
     if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, strerror(errno));
+        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, why(errno));
     struct stat mine;                     /* the job's own: not a link, not another's */
     if (lstat(dir, &mine) != 0)
-        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, strerror(errno));
+        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, why(errno));
     if (!S_ISDIR(mine.st_mode) || mine.st_uid != geteuid())
         fail(1, "%s/%s is not a directory of %d's", workdir, dir, (int)geteuid());
 }
@@ -255,7 +248,16 @@ static char *write_script(const char *workdir, const char *dir, long rank, const
         goto failed;
     return path;
 failed:
-    fail(1, "cannot write the job's script under %s/%s: %s", workdir, dir, strerror(errno));
+    fail(1, "cannot write the job's script under %s/%s: %s", workdir, dir, why(errno));
+}
+
+/* Close every descriptor from first on (close_range, or one by one on a kernel before 5.9). */
+static void close_from(int first) {
+    if (syscall(SYS_close_range, first, ~0U, 0) == 0)
+        return;
+    long last = sysconf(_SC_OPEN_MAX);
+    for (long fd = first; fd < (last > 0 && last < (1 << 20) ? last : (1 << 20)); fd++)
+        close((int)fd);
 }
 
 static const char *env_path(char **env) {
@@ -304,8 +306,8 @@ int main(void) {
     char **join_files = next_strings(NULL);
     char *workdir = next_string(), *dir = next_string();
     long rank = next_number(0, LONG_MAX), attempt = next_number(0, LONG_MAX);
-    size_t script_len;
-    char *script = next_item(&script_len);
+    char *script = next_string();
+    size_t script_len = strlen(script);
     size_t argc;
     char **argv = next_strings(&argc);
     char **env = next_strings(NULL);
@@ -316,7 +318,7 @@ int main(void) {
     umask(022);
     int null = open("/dev/null", O_RDONLY);
     if (null < 0 || dup2(null, 0) != 0)
-        fail(1, "cm-task: cannot open /dev/null: %s", strerror(errno));
+        fail(1, "cm-task: cannot open /dev/null: %s", why(errno));
     close(null);
     join_cgroups(join_files);             /* before anything of the job's can fork */
     if (uid >= 0)
@@ -325,7 +327,7 @@ int main(void) {
     if (getppid() != parent)              /* the daemon died before that: no one reports this task */
         _exit(1);
     if (chdir(workdir) != 0)
-        fail(1, "cannot enter working directory %s: %s", workdir, strerror(errno));
+        fail(1, "cannot enter working directory %s: %s", workdir, why(errno));
     make_log_dir(workdir, dir);
     char out_path[PATH_MAX], err_path[PATH_MAX];
     snprintf(out_path, sizeof out_path, "%s/%ld.out", dir, rank);
@@ -336,7 +338,7 @@ int main(void) {
             char kept[PATH_MAX + 32];
             snprintf(kept, sizeof kept, "%s.%ld", logs[i], attempt - 1);
             if (rename(logs[i], kept) != 0 && errno != ENOENT)
-                fail(1, "cannot write logs under %s/cmlogs: %s", workdir, strerror(errno));
+                fail(1, "cannot write logs under %s/cmlogs: %s", workdir, why(errno));
         }
     }
     int out = open_log(workdir, out_path), err = open_log(workdir, err_path);
@@ -344,20 +346,19 @@ int main(void) {
     if (script_len)
         program = write_script(workdir, dir, rank, script, script_len);
     if (dup2(out, 1) != 1 || dup2(err, 2) != 2)
-        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, strerror(errno));
+        fail(1, "cannot write logs under %s/cmlogs: %s", workdir, why(errno));
     fcntl(REPORT_FD, F_SETFD, FD_CLOEXEC);    /* closed by the exec: the daemon sees the task run */
     if (out > 2)
         close(out);
     if (err > 2)
         close(err);
-    close_range(5, ~0U, 0);               /* nothing of the daemon's reaches the task */
+    close_from(5);                        /* nothing of the daemon's reaches the task */
     if (script_len)
         execve(program, argv, env);
     else
         exec_from_path(program, argv, env);
     /* No such command (127, as a shell says) or not executable (126). */
-    int code = errno == ENOENT ? 127 : 126;
-    const char *why = strerror(errno);
-    dprintf(2, "cm: cannot run '%s': %s\n", argv[0], why);
-    fail(code, "cannot run '%s': %s", argv[0], why);
+    int code = errno == ENOENT ? 127 : 126, error = errno;
+    dprintf(2, "cm: cannot run '%s': %s\n", argv[0], strerror(error));
+    fail(code, "cannot run '%s': %s", argv[0], why(error));
 }
