@@ -176,3 +176,57 @@ def test_a_node_told_to_have_cgroups_refuses_to_start_without_them(tmp_path):
     assert proc.stderr.strip().splitlines()[-1:] == [
         f"cmdaemon: error: containment = cgroup, but no cgroup can be made under {tmp_path}/none: "
         f"no cgroup hierarchy at {tmp_path}/none"]
+
+
+def run_in(group, code):
+    """A child of ours that joins the group as a task would, then runs code; its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for path in group.join_files():
+                with open(path, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+            exec(code)
+        finally:
+            os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+def limits(group):
+    if REAL_VERSION == 1:
+        memory = open(os.path.join(group.dirs["memory"], "memory.limit_in_bytes")).read().strip()
+        quota = open(os.path.join(group.dirs["cpu"], "cpu.cfs_quota_us")).read().strip()
+        return ("none" if int(memory) > 1 << 50 else int(memory)), int(quota)
+    memory = open(os.path.join(group.dirs[""], "memory.max")).read().strip()
+    return ("none" if memory == "max" else int(memory)), int(open(os.path.join(group.dirs[""], "cpu.max")).read().split()[0])
+
+
+def test_each_job_gets_a_cgroup_named_after_it_with_its_own_limits_however_many_ran_before():
+    """With cgroup v1 an ended job's cgroup is given to the next one (a removed memory cgroup
+    lingers in the kernel, dying); its name, limits and out-of-memory count are the new job's."""
+    from cman import cgroups
+    prefix = f"cm/reuse-{os.getpid()}"
+    containment = cgroups.detect("cgroup", CGROUP_ROOT, prefix, "n1")
+    try:
+        runs = [(1, 2, 96), (2, 1, 0), (3, 1, 48), (4, 3, 0)]
+        for job, cpus, mem_mb in runs:
+            group = containment.job_group(job, 0, cpus, mem_mb)
+            assert all(d.endswith(f"/job_{job}.0") and os.path.isdir(d) for d in group.dirs.values())
+            assert limits(group) == ((mem_mb << 20) if mem_mb else "none", cpus * 100000)
+            assert run_in(group, "pass") == 0 and not group.out_of_memory()
+            assert group.remove()
+            assert not any(os.path.exists(d) for d in group.dirs.values() if d.endswith(f"/job_{job}.0"))
+        # A job the kernel kills for its memory is OUT_OF_MEMORY; the job after it in the same cgroup is not.
+        group = containment.job_group(5, 0, 1, 32)
+        status = run_in(group, "x = bytearray(256 << 20); x[::4096] = b'x' * len(x[::4096])")
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL and group.out_of_memory()
+        assert group.remove()
+        group = containment.job_group(6, 0, 1, 0)
+        assert run_in(group, "pass") == 0 and not group.out_of_memory()
+        assert group.remove()
+        if REAL_VERSION == 1:             # one cgroup served them all, and waits for the next job
+            base = os.path.dirname(group.dirs["memory"])
+            assert [e for e in os.listdir(base) if e.startswith(("job_", "free_"))] == ["free_6"]
+    finally:
+        containment.close()
+    assert not any(os.path.exists(os.path.join(CGROUP_ROOT, c, prefix)) for c in ("memory", "cpu", "pids", "freezer"))
