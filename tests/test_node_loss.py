@@ -102,9 +102,9 @@ def test_a_stopping_compute_daemon_takes_its_tasks_and_their_jobs_fail_or_requeu
 
 @pytest.mark.parametrize("stale", ["an earlier boot", "a pid used again by another process"])
 def test_a_stale_state_file_makes_root_kill_nothing(own_cluster, stale):
-    import json
     import subprocess
     from cman.compute import boot_id
+    from cman.statefile import StateFile
     c = own_cluster
     # A process of someone else's, alone in its process group, as a task of an earlier boot could name.
     bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
@@ -117,8 +117,10 @@ def test_a_stale_state_file_makes_root_kill_nothing(own_cluster, stale):
             boot, created = boot_id(), created - 3600
         state = {"boot_id": boot, "ended": [],
                  "running": [{"job": 99, "attempt": 0, "rank": 0, "pid": bystander.pid, "create_time": created}]}
-        with open(os.path.join(c.dir, "state", "node1.json"), "w") as f:
-            json.dump(state, f)
+        state_file = StateFile(os.path.join(c.dir, "state"), "node1")
+        state_file.read()                         # the stopped daemon's, which this one follows
+        state_file.write(state)
+        state_file.close()
         c.ok("cmcluster", "start", "node1", "--dir", c.dir)
         wait_until(lambda: c.node_states()["node1"] == "UP", what="node1 back")
         assert c.cm("cmrun", "-n", "3", "--wait", "true").returncode == 0

@@ -313,3 +313,29 @@ def test_cm_task_refuses_a_malformed_request_and_runs_nothing(payload, tmp_path)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 1
     assert report.startswith("1\tcm-task: ") and "request" in report
+
+
+def test_the_state_file_survives_a_torn_write_and_reads_an_earlier_cms(tmp_path):
+    import json
+    from cman.statefile import StateFile
+    state = StateFile(str(tmp_path), "n1")
+    assert state.read() == {}
+    with open(tmp_path / "n1.json", "w") as f:          # what an earlier cm wrote
+        json.dump({"running": [{"job": 1}], "ended": []}, f)
+    assert state.read() == {"running": [{"job": 1}], "ended": []}
+    for n in range(5):
+        state.write({"n": n, "pad": "x" * (100 - n * 10)})
+    assert not (tmp_path / "n1.json").exists()
+    assert StateFile(str(tmp_path), "n1").read()["n"] == 4
+    # The daemon dies in the middle of a write: the slot it was writing is torn, the other is whole.
+    newest = max(state.paths, key=lambda p: int(open(p, "rb").read().split()[2]))
+    with open(newest, "r+b") as f:
+        f.seek(40)
+        f.write(b"garbage")
+    assert StateFile(str(tmp_path), "n1").read()["n"] == 3
+    again = StateFile(str(tmp_path), "n1")
+    again.read()
+    again.write({"n": 5})                                # the next daemon goes on from the whole one
+    assert StateFile(str(tmp_path), "n1").read() == {"n": 5}
+    state.close()
+    again.close()

@@ -8,8 +8,8 @@ stays silent for node_timeout is given up on: the socket is closed (linger
 reconnect_max (Paranoid Pirate). Registering says which tasks still run and
 which ended unacknowledged, so nothing is lost across a head restart.
 
-Those two lists are also kept in state_dir/<node>.json, written when they
-change (never per heartbeat). A daemon that starts after one that died
+Those two lists are also kept in state_dir/<node>.state.{0,1} (statefile.py),
+written when they change (never per heartbeat). A daemon that starts after one that died
 stops the tasks its predecessor left and reports them lost, and reports its
 predecessor's unacknowledged ends again. So a task the head expects but the
 node neither runs nor reports was never delivered, and the head sends it
@@ -28,6 +28,7 @@ from . import cgroups, keys, messages, wakeup
 from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
+from .statefile import StateFile
 from .tasks import Runner, become_subreaper, stop_leftover
 from .vocab import MAX_MESSAGE_BYTES, EndCause, Op
 
@@ -71,7 +72,8 @@ class Compute:
                                                        # of one (resent by the head) runs nothing
         self.resend_ends_at = None        # when the unacknowledged ends are sent again
         self.usage = Usage()
-        self.state_path = os.path.join(cfg.state_dir, f"{name}.json")
+        self.state_file = StateFile(cfg.state_dir, name)
+        self.state_path = os.path.join(cfg.state_dir, f"{name}.state.*")   # as messages name it
         self.boot_id = boot_id()
         self.socket = None
         self.welcomed = False
@@ -120,10 +122,7 @@ class Compute:
         """Take over from a daemon of this node that stopped without a goodbye."""
         try:
             os.makedirs(self.cfg.state_dir, exist_ok=True)
-            with open(self.state_path) as f:
-                state = json.load(f)
-        except FileNotFoundError:
-            state = {}
+            state = self.state_file.read()
         except PermissionError as e:
             raise ConfigError(f"state_dir {self.cfg.state_dir}: {e.strerror}; set CM_STATE_DIR to a directory "
                               "this user may write") from None
@@ -166,12 +165,8 @@ class Compute:
         self.state_changed = False
         running = [{"job": j, "attempt": a, "rank": r, "pid": pid, "create_time": created}
                    for (j, a, r), (pid, created) in self.runner.records().items()]
-        tmp = self.state_path + ".tmp"
-        text = json.dumps({"boot_id": self.boot_id, "running": running, "ended": list(self.unacked.values())})
         try:
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, self.state_path)
+            self.state_file.write({"boot_id": self.boot_id, "running": running, "ended": list(self.unacked.values())})
         except OSError as e:
             log.error("cannot write %s: %s", self.state_path, e)
 
