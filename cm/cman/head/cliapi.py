@@ -123,9 +123,11 @@ class CliApi:
                 del self.waiters[job_id]
 
     def job_ended(self, job):
-        view = job.view(self.wall())
-        for caller in self.waiters.pop(job.id, ()):
-            self.out.reply(caller, JobEnded(job=view))
+        waiting = self.waiters.pop(job.id, ())
+        if waiting:                       # (an array's element seldom has a waiter of its own)
+            view = job.view(self.wall())
+            for caller in waiting:
+                self.out.reply(caller, JobEnded(job=view))
 
     # ---- submit ----
 
