@@ -218,6 +218,7 @@ class CgroupV1:
         self.name = "cgroup v1"
         self.controllers = sorted(self.bases)
         self.free = []                    # emptied job cgroups, named free_<n>, for the next jobs
+        self.base_fds = None              # controller -> a descriptor of its node directory
         self.free_names = itertools.count()
         self._remove_free_dirs()          # a previous daemon's pool
 
@@ -237,7 +238,7 @@ class CgroupV1:
         """A free cgroup of the pool renamed leaf, or None (none free, or a rename failed)."""
         while self.free:
             group = self.free.pop()
-            if _rename_dirs(group, leaf):
+            if self._rename(group, leaf):
                 group.removed = False
                 return group
             self._remove_dirs(group)      # half renamed (a leftover of that name?): not used again
@@ -249,9 +250,26 @@ class CgroupV1:
         if len(self.free) >= self.POOL_MAX:
             return False
         group.oom_kills_before = group.oom_kills()
-        if not _rename_dirs(group, f"free_{next(self.free_names)}"):
+        if not self._rename(group, f"free_{next(self.free_names)}"):
             return False
         self.free.append(group)
+        return True
+
+    def _rename(self, group, leaf):
+        """Rename the group's directory in every hierarchy to leaf (within the node's base
+        directory, named by a descriptor: no walk down the whole path); False if one could not
+        be (group.dirs then says where each directory is)."""
+        if self.base_fds is None:
+            self.base_fds = {c: os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                             for c, base in self.bases.items()}
+        for controller, directory in list(group.dirs.items()):
+            fd = self.base_fds[controller]
+            try:
+                os.rename(os.path.basename(directory), leaf, src_dir_fd=fd, dst_dir_fd=fd)
+            except OSError as e:
+                log.warning("cannot rename cgroup %s to %s: %s", directory, leaf, e.strerror)
+                return False
+            group.dirs[controller] = os.path.join(self.bases[controller], leaf)
         return True
 
     def _set_limits(self, group, cpus, mem_mb):
@@ -311,6 +329,9 @@ class CgroupV1:
         for group in self.free:
             self._remove_dirs(group)
         self.free = []
+        for fd in (self.base_fds or {}).values():
+            os.close(fd)
+        self.base_fds = None
         for controller, base in self.bases.items():
             _remove_up_to(base, os.path.join(self.root, controller))
 
@@ -397,20 +418,6 @@ def remove_tree(root, prefix):
             except OSError:
                 pass                      # still holds a process, or a cgroup of its own
         _remove_up_to(os.path.dirname(base), top)
-
-
-def _rename_dirs(group, leaf):
-    """Rename the group's directory in every hierarchy to leaf (within its parent); False if
-    one could not be (group.dirs then says where each directory is)."""
-    for controller, directory in list(group.dirs.items()):
-        target = os.path.join(os.path.dirname(directory), leaf)
-        try:
-            os.rename(directory, target)
-        except OSError as e:
-            log.warning("cannot rename cgroup %s to %s: %s", directory, leaf, e.strerror)
-            return False
-        group.dirs[controller] = target
-    return True
 
 
 def _job_dirs(base):
