@@ -339,3 +339,72 @@ def test_the_state_file_survives_a_torn_write_and_reads_an_earlier_cms(tmp_path)
     assert StateFile(str(tmp_path), "n1").read() == {"n": 5}
     state.close()
     again.close()
+
+
+def test_a_state_slot_of_another_users_or_a_link_is_not_read_and_a_longer_old_tail_is_read_past(tmp_path):
+    from cman.statefile import StateFile
+    state = StateFile(str(tmp_path), "n1")
+    state.write({"n": 1, "pad": "x" * 200})
+    state.write({"n": 2, "pad": "x" * 200})
+    state.close()
+    # The daemon died between writing a shorter state over slot 1 and cutting the slot to its length.
+    slot = state.paths[1]
+    old = open(slot, "rb").read()
+    body = b'{"n": 3}'
+    import zlib
+    new = b"cm-state 1 3 %d %d\n%s" % (zlib.crc32(body), len(body), body)
+    with open(slot, "r+b") as f:
+        f.write(new)
+    assert len(new) < len(old)
+    assert StateFile(str(tmp_path), "n1").read() == {"n": 3}
+    # A slot planted by another user (or made a link) names nothing root will act on.
+    if os.geteuid() == 0:
+        os.chown(slot, USER_ID, USER_ID)
+        assert StateFile(str(tmp_path), "n1").read()["n"] == 2
+        try:
+            StateFile(str(tmp_path), "n1").write({"n": 9})   # nor is it written through
+        except PermissionError:
+            pass
+        os.unlink(slot)
+    os.symlink(state.paths[0], slot)
+    assert StateFile(str(tmp_path), "n1").read()["n"] == 2
+
+
+def test_cm_task_started_without_a_stdin_gives_the_task_dev_null_and_a_link_or_shared_file_is_not_trusted(open_tmp):
+    from cman.taskchild import ChildSpec, PAYLOAD_FD, REPORT_FD, helper_path, helper_request
+    helper = helper_path()
+    assert helper, "cm/libexec/cm-task is not built: run `make helper`"
+    work = open_tmp / "work"
+    work.mkdir(mode=0o777)
+    spec = ChildSpec(1, 0, str(work), ["sh", "-c", "readlink /proc/self/fd/0"])
+    memfd = os.memfd_create("request")
+    os.write(memfd, helper_request(spec, 0, {"PATH": "/usr/bin:/bin"}, None, (), os.getpid()))
+    report_r, report_w = os.pipe()
+    pid = os.posix_spawn(helper, ["cm-task"], {}, file_actions=[
+        (os.POSIX_SPAWN_DUP2, memfd, PAYLOAD_FD), (os.POSIX_SPAWN_DUP2, report_w, REPORT_FD),
+        (os.POSIX_SPAWN_CLOSE, 0)])
+    os.close(report_w)
+    os.close(memfd)
+    assert os.read(report_r, 4096) == b""
+    os.close(report_r)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert (work / "cmlogs" / "1" / "0.out").read_text() == "/dev/null\n"
+    # cm-task is run as root: only a plain file, not a link, that no one else may change.
+    import shutil as sh
+    from cman.taskchild import HELPER
+    from cman.taskchild import helper_path as check
+    copy = open_tmp / "cm-task"
+    sh.copy(HELPER, copy)
+    os.chmod(copy, 0o755)
+    assert check(str(copy)) is not None
+    link = open_tmp / "linked"
+    os.symlink(copy, link)
+    shared = open_tmp / "shared"
+    sh.copy(HELPER, shared)
+    os.chmod(shared, 0o775)
+    loose = open_tmp / "loose"
+    loose.mkdir(mode=0o777)
+    os.chmod(loose, 0o777)
+    sh.copy(HELPER, loose / "cm-task")
+    os.chmod(loose / "cm-task", 0o755)
+    assert [check(str(p)) for p in (link, shared, loose / "cm-task")] == [None, None, None]

@@ -29,6 +29,7 @@ from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
 from .statefile import StateFile
+from .taskchild import HELPER
 from .tasks import Runner, become_subreaper, stop_leftover
 from .vocab import MAX_MESSAGE_BYTES, EndCause, Op
 
@@ -62,8 +63,8 @@ class Compute:
         log.info("node %s contains jobs with %s %s", name, self.containment.name,
                  ",".join(self.containment.controllers))
         self.helper = helper              # cm-task, which starts each task (taskchild.spawn_helper)
-        log.info("node %s starts tasks with %s", name,
-                 helper or "the task spawner (cm-task was not built: make helper), which forks them")
+        log.info("node %s starts tasks with %s", name, f"cm-task ({HELPER})" if helper else
+                 "the task spawner (cm-task was not built: make helper), which forks them")
         self.spawner = spawner            # or what forks them (spawner.py), once the poller exists
         self.runner = None
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it

@@ -271,7 +271,7 @@ class Launch(Message):
         "nodelist": List(NODE_NAME, min_len=1, max_len=100000),
         "argv": List(Str(65536), min_len=1, max_len=10000),
         "workdir": Str(4096, r"/.*"), "env": List(ENV_ENTRY, max_len=10000),
-        "uid": Int(0, 2**32 - 1), "gid": Int(0, 2**32 - 1), "user": Str(256),
+        "uid": Int(0, 2**32 - 2), "gid": Int(0, 2**32 - 2), "user": Str(256),   # 2**32-1: "unchanged"
         "time_limit": Int(0, 10**9), "may_requeue": Bool(),
         "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),     # this node's share: its cgroup's limits
         "script": Str(MAX_SCRIPT, empty=True),    # a batch script's text, run as argv[0] ("": none)

@@ -257,17 +257,56 @@ def report_text(message):
 
 
 def helper_path(path=HELPER):
-    """cm-task, if it was built and is safe to run as this user: a plain executable file owned
-    by root or by us, that no one else may change (a daemon running as root runs it as root,
-    before it becomes the user). None otherwise: tasks are forked in Python."""
+    """cm-task as the path the daemon starts it by, if it was built and is safe to run as this
+    user (a daemon running as root runs it as root, before it becomes the user): a plain
+    executable file, not a link, owned by root or by us, that no one else may change, in
+    directories no one else may change either. It is opened here, once, and started as
+    /proc/self/fd/N from then on, so that what was checked is what runs, whatever becomes of
+    the path. None otherwise: tasks are forked in Python."""
+    if path in _opened_helpers:
+        return _opened_helpers[path]
     try:
-        info = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
-    if (not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, os.geteuid())
-            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or not os.access(path, os.X_OK)):
+    try:
+        info = os.fstat(fd)
+        if not (stat.S_ISREG(info.st_mode) and _trusted(info) and info.st_mode & stat.S_IXUSR
+                and _trusted_directories(os.path.dirname(os.path.realpath(path)))):
+            os.close(fd)
+            return None
+        held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)   # above the descriptors spawn_helper moves to
+    except OSError:
+        os.close(fd)
         return None
-    return path
+    os.close(fd)
+    by_descriptor = f"/proc/self/fd/{held}"
+    _opened_helpers[path] = by_descriptor if os.path.exists(by_descriptor) else path
+    return _opened_helpers[path]
+
+
+_opened_helpers = {}                      # path -> what helper_path() gave for it
+
+
+def _trusted(info):
+    """Owned by root or by us, and changed by no one else (a sticky directory's entries
+    are its owners' alone)."""
+    writable_by_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return info.st_uid in (0, os.geteuid()) and (not writable_by_others or
+                                                   (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX))
+
+
+def _trusted_directories(directory):
+    while True:
+        try:
+            if not _trusted(os.stat(directory)):
+                return False
+        except OSError:
+            return False
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return True
+        directory = parent
 
 
 def helper_request(spec, rank, env, identity, join_files, parent):
@@ -299,7 +338,7 @@ def spawn_helper(helper, spec, rank, env, report_w, identity=None, join_files=()
             view = view[os.write(memfd, view):]
         payload, report = _above_helper_fds(memfd), _above_helper_fds(report_w)
         copies = [fd for fd in (payload, report) if fd not in (memfd, report_w)]
-        return os.posix_spawn(helper, [helper], {}, file_actions=[
+        return os.posix_spawn(helper, ["cm-task"], {}, file_actions=[
             (os.POSIX_SPAWN_DUP2, payload, PAYLOAD_FD), (os.POSIX_SPAWN_DUP2, report, REPORT_FD)])
     finally:
         for fd in (memfd, *copies):

@@ -319,7 +319,8 @@ int main(void) {
     int null = open("/dev/null", O_RDONLY);
     if (null < 0 || dup2(null, 0) != 0)
         fail(1, "cm-task: cannot open /dev/null: %s", why(errno));
-    close(null);
+    if (null != 0)                        /* started without a stdin: /dev/null took descriptor 0 */
+        close(null);
     join_cgroups(join_files);             /* before anything of the job's can fork */
     if (uid >= 0)
         become(uid, gid, groups, ngroups);
@@ -347,7 +348,8 @@ int main(void) {
         program = write_script(workdir, dir, rank, script, script_len);
     if (dup2(out, 1) != 1 || dup2(err, 2) != 2)
         fail(1, "cannot write logs under %s/cmlogs: %s", workdir, why(errno));
-    fcntl(REPORT_FD, F_SETFD, FD_CLOEXEC);    /* closed by the exec: the daemon sees the task run */
+    if (fcntl(REPORT_FD, F_SETFD, FD_CLOEXEC) != 0)   /* closed by the exec: the daemon sees the task run */
+        fail(1, "cm-task: cannot mark the report pipe close-on-exec: %s", why(errno));
     if (out > 2)
         close(out);
     if (err > 2)
