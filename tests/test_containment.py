@@ -230,3 +230,32 @@ def test_each_job_gets_a_cgroup_named_after_it_with_its_own_limits_however_many_
     finally:
         containment.close()
     assert not any(os.path.exists(os.path.join(CGROUP_ROOT, c, prefix)) for c in ("memory", "cpu", "pids", "freezer"))
+
+
+def test_a_cgroup_its_job_left_memory_charged_to_or_another_daemon_left_is_not_reused_as_it_is():
+    from cman import cgroups
+    prefix = f"cm/reuse2-{os.getpid()}"
+    shm = f"/dev/shm/cm-test-{os.getpid()}"
+    first = cgroups.detect("cgroup", CGROUP_ROOT, prefix, "n1")
+    try:
+        # A job leaves 16 MiB in /dev/shm, charged to its cgroup: the next job does not carry it.
+        group = first.job_group(1, 0, 1, 64)
+        assert run_in(group, f"open({shm!r}, 'wb').write(b'x' * (16 << 20))") == 0
+        assert group.remove()
+        if REAL_VERSION == 1:
+            base = os.path.dirname(group.dirs["memory"])
+            assert not [e for e in os.listdir(base) if e.startswith(("job_", "free_"))]
+        # A daemon dies with a job's cgroup limited to 32 MiB; the next daemon reuses it for a
+        # job without a limit, which must then have none.
+        left = first.job_group(2, 0, 2, 32)
+        second = cgroups.detect("cgroup", CGROUP_ROOT, prefix, "n1")
+        (leftover,) = second.leftovers()
+        assert leftover.dirs == left.dirs and leftover.remove()
+        group = second.job_group(3, 0, 1, 0)
+        assert limits(group) == ("none", 100000)
+        assert group.remove()
+        second.close()
+    finally:
+        if os.path.exists(shm):
+            os.unlink(shm)
+        first.close()

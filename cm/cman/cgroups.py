@@ -31,6 +31,9 @@ log = logging.getLogger("cm.cgroups")
 
 PROCESS_GROUPS = "process groups"
 CPU_PERIOD_US = 100000
+# An ended job's memory cgroup that still has more than this charged to it (files in /dev/shm,
+# say, which nothing reclaims without swap) is removed, not given to the next job.
+POOL_CHARGED_MAX = 4 << 20
 # Rounds of "signal every process in the cgroup" while processes fork anew.
 KILL_ROUNDS = 20
 
@@ -64,6 +67,11 @@ def _pids(procs_file):
     return [int(p) for p in _read(procs_file).split() if p.isdigit() and int(p) > 0]
 
 
+def _number(path):
+    text = _read(path).strip()
+    return int(text) if text.isdigit() else 0
+
+
 def _counter(path, name):
     """The value of `name N` in a flat-keyed cgroup file (memory.events, memory.oom_control)."""
     for line in _read(path).splitlines():
@@ -81,7 +89,7 @@ class JobGroup:
         self.dirs = dirs                  # {controller or "": path}; v2 has one, under ""
         self.removed = False
         self.pool = pool                  # where it goes back to once its job has ended (v1), or None
-        self.limits = {}                  # what was written to its limit files: name -> value
+        self.limits = {}                  # what its limit files hold: name -> value; None: not known
         self.oom_kills_before = 0         # the kernel's count of OOM kills in it, before this job
 
     def join_files(self):
@@ -224,15 +232,31 @@ class CgroupV1:
 
     def job_group(self, job, attempt, cpus, mem_mb):
         leaf = f"job_{job}.{attempt}"
-        group = self._reuse(leaf) or self._make(leaf)
-        self._set_limits(group, cpus, mem_mb)
+        group = self._reuse(leaf)
+        if group is not None:
+            try:
+                self._set_limits(group, cpus, mem_mb)
+                return group
+            except OSError as e:          # memory charged to it that the kernel cannot reclaim, say
+                log.warning("cannot set the limits of reused cgroup %s (%s); making another", leaf, e.strerror)
+                self._remove_dirs(group)
+        group = self._make(leaf)
+        try:
+            self._set_limits(group, cpus, mem_mb)
+        except OSError:
+            self._remove_dirs(group)
+            raise
         return group
 
     def _make(self, leaf):
         dirs = {c: os.path.join(base, leaf) for c, base in self.bases.items()}
+        existed = any(os.path.isdir(d) for d in dirs.values())
         for directory in dirs.values():
             os.makedirs(directory, exist_ok=True)
-        return JobGroup(1, dirs, pool=self)
+        group = JobGroup(1, dirs, pool=self)
+        if existed:                       # another daemon's: its limits are whatever it left
+            group.limits = None
+        return group
 
     def _reuse(self, leaf):
         """A free cgroup of the pool renamed leaf, or None (none free, or a rename failed)."""
@@ -249,6 +273,9 @@ class CgroupV1:
         or the rename failed (the caller removes it)."""
         if len(self.free) >= self.POOL_MAX:
             return False
+        memory = group.dirs.get("memory")
+        if memory and _number(os.path.join(memory, "memory.usage_in_bytes")) > POOL_CHARGED_MAX:
+            return False                  # its job's shared memory or files: not the next job's to carry
         group.oom_kills_before = group.oom_kills()
         if not self._rename(group, f"free_{next(self.free_names)}"):
             return False
@@ -274,7 +301,10 @@ class CgroupV1:
 
     def _set_limits(self, group, cpus, mem_mb):
         """The job's memory limit (no swap beyond it) and CPU quota; a file is written only
-        where a reused cgroup's value differs ("-1": none)."""
+        where a reused cgroup's value differs ("-1": none; a cgroup made by another daemon
+        has every file written)."""
+        if group.limits is None:
+            group.limits = {"memory": None, "cpu": None}
         memory, cpu = group.dirs.get("memory"), group.dirs.get("cpu")
         wanted = str(mem_mb << 20) if mem_mb else "-1"
         had = group.limits.get("memory", "-1")
@@ -283,8 +313,10 @@ class CgroupV1:
             memsw = os.path.join(memory, "memory.memsw.limit_in_bytes")
             if os.path.exists(memsw):     # swap accounting on: no swap beyond the limit
                 files.append(memsw)
+                if had is None:           # not known: memsw first out of the way
+                    _write(memsw, "-1")
             # memsw may never be below the limit: raised first, lowered last.
-            raising = wanted == "-1" or (had != "-1" and int(wanted) > int(had))
+            raising = wanted == "-1" or (had not in (None, "-1") and int(wanted) > int(had))
             for path in reversed(files) if raising else files:
                 _write(path, wanted)
             group.limits["memory"] = wanted
@@ -321,7 +353,14 @@ class CgroupV1:
         for controller, base in self.bases.items():
             for leaf in _job_dirs(base):
                 found.setdefault(leaf, {})[controller] = os.path.join(base, leaf)
-        return [JobGroup(1, dirs, pool=self) for dirs in found.values()]
+        groups = []
+        for dirs in found.values():
+            group = JobGroup(1, dirs, pool=self)
+            group.limits = None           # whatever that daemon left in them
+            if "freezer" in dirs:         # it may have died between freezing it and thawing it
+                JobGroup._freeze(dirs["freezer"], "THAWED")
+            groups.append(group)
+        return groups
 
     def close(self):
         """The daemon stops: remove the pool, its (empty) node directories and the prefix's,
