@@ -167,8 +167,13 @@ $(FERRETDB): ferretdb/main.go ferretdb/go.mod ferretdb/go.sum
 	@command -v $(GO) >/dev/null 2>&1 || { echo "make: building FerretDB needs Go 1.24 or later (GO=/path/to/go), or DB=mongo where the mongo image can be pulled" >&2; exit 1; }
 	cd ferretdb && CGO_ENABLED=0 $(GO) build -trimpath -o ../$(FERRETDB) .
 
-helper: ## Build cm-task, which starts each task (skipped, with a warning, where there is no C compiler)
-	@if command -v $(TASK_CC) >/dev/null 2>&1; then $(MAKE) --no-print-directory -q $(TASK_HELPER) || $(MAKE) --no-print-directory $(TASK_HELPER); \
+helper: ## Build cm-task, which starts each task (installs a C compiler where apt-get can; else warns)
+	@if ! command -v $(TASK_CC) >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing gcc libc6-dev musl-tools (to build cm-task)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev musl-tools >/dev/null; \
+	fi
+	@if command -v musl-gcc >/dev/null 2>&1 || command -v $(TASK_CC) >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory -q $(TASK_HELPER) || $(MAKE) --no-print-directory $(TASK_HELPER); \
 	else echo "make: no C compiler ($(TASK_CC)): cm-task not built; compute nodes fork their tasks in Python, which costs more CPU per task" >&2; fi
 
 # Static: the same binary runs on the host and in the compute image, whatever the host's C library.
