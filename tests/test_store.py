@@ -290,3 +290,23 @@ def test_the_updates_of_one_job_in_one_batch_are_one_record(url):
     assert st.journal(1).count_documents({}) == 2          # the insert, and one merged update
     state = Store(url).load()
     assert state["jobs"][0]["ended_ranks"] == [0, 1, 2, 3, 4] and state["jobs"][0]["exit_code"] == 4
+
+
+def test_an_end_record_holds_what_changed_and_a_restart_rebuilds_the_whole_job_from_the_journal(url, monkeypatch):
+    st, writer = started_writer(url)
+    submit(writer, 1)
+    writer.update_job(0, {"state": "RUNNING", "node_list": ["node1"], "start_time": 2.0})
+    flush(writer)
+    # The head dies after the end record was appended and before the history insert.
+    monkeypatch.setattr(Store, "add_history", lambda self, jobs: len(jobs))
+    writer.end_job(job(0, state="COMPLETED", node_list=["node1"], start_time=2.0, end_time=3.0, exit_code=0))
+    flush(writer)
+    writer.stop(5)
+    (end,) = [r for r in st.journal(1).find({}) if r["t"] == "end"]
+    assert sorted(end["f"]) == ["end_time", "id", "state"]           # not the whole job again
+    monkeypatch.undo()
+    state = Store(url).load()
+    assert state["jobs"] == {}
+    (ended,) = Store(url).find_history([0])
+    assert (ended["state"], ended["name"], ended["argv"], ended["node_list"], ended["end_time"]) == \
+        ("COMPLETED", "sim", ["./sim"], ["node1"], 3.0)

@@ -20,7 +20,8 @@ and small collections are fast as well, so the same layout is never slower.
 
 Journal records:
     {"s": seq, "t": "job", "id": N, "f": {fields}}   set fields of live job N (the first has them all)
-    {"s": seq, "t": "end", "id": N, "f": {fields}}   job N ended with these final fields; it is
+    {"s": seq, "t": "end", "id": N, "f": {fields}}   job N ended with these final fields (those
+                                                     that differ from what its records held); it is
                                                      appended to the history right after
     {"s": seq, "t": "void", "id": N, "f": {}}        job N's insert failed (it may still have been
                                                      stored): it never runs
@@ -177,9 +178,8 @@ class Store:
             if record["t"] == "job":
                 live.setdefault(job_id, {}).update(record["f"])
                 next_id = max(next_id, job_id + 1 + ids_after(record["f"]))
-            elif record["t"] == "end":
-                live.pop(job_id, None)
-                ended[job_id] = record["f"]
+            elif record["t"] == "end":    # what changed at its end, over what its records held
+                ended[job_id] = {**live.pop(job_id, {}), **record["f"]}
             elif record["t"] == "void":                   # an insert whose success was never known
                 live.pop(job_id, None)
                 next_id = max(next_id, job_id + 1)

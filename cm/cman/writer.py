@@ -326,9 +326,14 @@ class Writer(Worker):
             job_id, fields = op.args
             return self._next_record("job", job_id, fields)
         if op.method == "end_job":
-            # A job's final fields, whole: what it lacks reads back as None (store._job_fields).
-            fields = {k: v for k, v in op.args[0].items() if k != "env" and v is not None}
-            return self._next_record("end", fields["id"], fields)
+            # A job's final fields less those its durable records hold already (store.load
+            # lays them over those): its end record is a few fields, not the whole job again.
+            final = op.args[0]
+            held = self.live.get(final["id"], {})
+            fields = {k: v for k, v in final.items() if k != "env" and (k not in held or held[k] != v)
+                      and (v is not None or k in held)}
+            fields["id"] = final["id"]
+            return self._next_record("end", final["id"], fields)
         if op.method == "void_job":
             return self._next_record("void", op.args[0], {})
         return False
