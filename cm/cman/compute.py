@@ -112,8 +112,7 @@ class Compute:
         self.stopping = True
 
     def watch_fd(self, fd, on):
-        """A task's report pipe, watched until its exec (tasks.Runner.on_report), or the task
-        spawner's socket, whose exit reports the step's collect_ended() reaps."""
+        """The task spawner's socket, whose exit reports the step's collect_ended() reaps."""
         if on:
             self.poller.register(fd, zmq.POLLIN)
         else:
@@ -198,7 +197,7 @@ class Compute:
             self.runner.enforce(self.clock())
             self.collect_ended()
             for item, _ in self.poller.poll(100):
-                self.ignore_or_report(item)
+                self.drain_readable(item)
         self.collect_ended()
         deadline = self.clock() + 2.0     # what ended last may take a moment to leave its cgroup
         while self.runner.unremoved and self.clock() < deadline:
@@ -237,8 +236,7 @@ class Compute:
                 self.drain_head()
             elif item == self.signals.fd:
                 self.signals.drain()
-            else:
-                self.runner.on_report(item)
+            # else the task spawner's socket: collect_ended() reads its exit reports
         self.collect_ended()
         if self.state_changed:
             self.save_state()
@@ -296,9 +294,9 @@ class Compute:
         self.backoff = min(self.backoff * 2, self.cfg.reconnect_max)
         self.connect()
 
-    def ignore_or_report(self, item):
-        """While the node does not serve its head (stopping, pausing): a task's report pipe
-        is read, and the rest drained so that the poll does not spin."""
+    def drain_readable(self, item):
+        """While the node does not serve its head (stopping, pausing): what is readable is
+        drained so that the poll does not spin (the spawner's exit reports: collect_ended())."""
         if item == self.signals.fd:
             self.signals.drain()
         elif item is self.socket:
@@ -307,15 +305,13 @@ class Compute:
                     self.socket.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-        else:
-            self.runner.on_report(item)
 
     def sleep_awake(self, seconds):
         """Pause without missing task ends or a stop request."""
         deadline = self.clock() + seconds
         while not self.stopping and self.clock() < deadline:
             for item, _ in self.poller.poll(max(1, int((deadline - self.clock()) * 1000))):
-                self.ignore_or_report(item)
+                self.drain_readable(item)
             self.collect_ended()
 
     def drain_head(self):

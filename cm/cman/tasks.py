@@ -106,8 +106,8 @@ REMOVE_FOR, REMOVE_EVERY = 60.0, 0.5
 class Runner:
     def __init__(self, node_name, kill_grace, clock, containment=None, watch=lambda fd, on: None, spawner=None,
                  helper=None):
-        """watch(fd, on): the daemon's poll loop starts (on) or stops watching a report pipe,
-        and calls on_report(fd) when it is readable. How tasks start: helper, the path of
+        """watch(fd, on): the daemon's poll loop starts (on) or stops watching the task
+        spawner's socket (its exit reports wake the loop, which reaps). How tasks start: helper, the path of
         cm-task (taskchild.spawn_helper: the cheapest); else spawner, the task spawner
         (spawner.py) that forks them; else they are forked here."""
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
@@ -117,7 +117,6 @@ class Runner:
         if spawner is not None:
             watch(spawner.fileno(), True)     # its reports wake the loop, which reaps
         self.lost_with_spawner = []       # tasks of a spawner that died, not yet reaped
-        self.starting = {}                # report fd -> a task not yet at its exec
         self.group_cache = {}             # (uid, gid) -> (until when, the user's groups)
         self.containment = containment or ProcessGroups()
         self.tasks = {}                   # key -> Task
@@ -280,19 +279,14 @@ class Runner:
         task = Task(key, pid, self.clock(), spec.time_limit, fence=spec.may_requeue, report_fd=report_r)
         self.tasks[key] = task
         self.by_pid[pid] = task
-        self.starting[report_r] = task
-        self.watch(report_r, True)
         log.debug("job %d rank %d started as pid %d", spec.job, key[2], pid)
         return task
 
-    def on_report(self, fd):
-        """A child's report pipe is readable: its exec closed it (it runs), or it wrote why
-        it cannot start (its end, reaped, says so)."""
-        task = self.starting.get(fd)
-        if task is not None:
-            self._read_report(task)
-
     def _read_report(self, task):
+        """Read the child's report pipe: EOF once its exec closed it (it runs), or why it could
+        not start (what it writes fits the pipe, so it never waits for us). The pipe is not
+        watched, which would wake the loop once more a task: it is read when the task ends,
+        or at its start deadline to tell a task that runs from one stuck before its exec."""
         while task.report_fd is not None:
             try:
                 data = os.read(task.report_fd, 4096)
@@ -301,8 +295,6 @@ class Runner:
             if data:
                 task.report = (task.report + data)[:4096]
                 continue
-            self.watch(task.report_fd, False)
-            del self.starting[task.report_fd]
             os.close(task.report_fd)
             task.report_fd = None
 
