@@ -17,8 +17,11 @@ Where things live:
   cliserver  the head's Unix-socket endpoint for the CLI
   compute    the compute daemon: registers, heartbeats, runs what it is sent
   tasks      starting, signalling, timing out and reaping task processes
-  spawner    the small process, forked before anything is loaded, that forks the tasks
-  taskchild  what a task does between its fork and its exec (as root, then as its user)
+  taskchild  what a task does between its start and its exec (as root, then as its user);
+             cm/libexec/cm-task.c, the same in C, which the daemon posix_spawns
+  spawner    where cm-task was not built: the small process, forked before anything is
+             loaded, that forks the tasks
+  statefile  the compute daemon's state file (two slots written in place)
   cgroups    a cgroup per job on a node (v1 or v2), or process groups where none can be had
   keys       the CURVE keys: one per node, its name bound to it on the head
   seal       the head's seal on who runs what, checked before any launch

@@ -1,8 +1,9 @@
 """Task processes on a compute node: start, signal, time out, reap.
 
-Each task is a fork and exec of the job's command in its own session and
-process group (forked by the node's task spawner, spawner.py, which reports
-its exit status here; or here, without one), in the job's working directory,
+Each task is the job's command in its own session and process group,
+started as cm-task (cm/libexec/cm-task.c, posix_spawn'ed from here), or,
+where that was not built, forked by the node's task spawner (spawner.py,
+which reports its exit status here) or here, in the job's working directory,
 with its output in
 <workdir>/cmlogs/<job>/<rank>.out and .err (an array's element's in
 cmlogs/<array>_<task>/). A daemon running as root starts it as the
@@ -10,11 +11,11 @@ submitting user (uid, gid, groups); one running as an ordinary user runs
 only that user's jobs. Stopping a task signals its whole process group:
 SIGTERM, then SIGKILL after the grace period. No process is left unreaped.
 
-A task is forked, never waited for: what the child does before its exec
+A task is started, never waited for: what the child does before its exec
 (join the job's cgroup, become the user, enter the working directory, open
 the logs) can block on a user's path (a FIFO where a log goes, a network
-mount that does not answer), so the daemon watches the child's report pipe
-from its poll loop and kills a child that has not reached its exec within
+mount that does not answer), so the daemon reads the child's report pipe at
+its start deadline and kills a child that has not reached its exec within
 START_TIMEOUT. Where the node has cgroups (cgroups.py), the child first
 joins its job's cgroup, as root, so that nothing it starts can leave it.
 Nothing of a user's paths is touched as root: the child then switches to
@@ -23,7 +24,7 @@ opens the log files (never through a link), so that a user reaches only
 what the user could reach anyway. What goes wrong there (a directory the
 user may not enter, logs that cannot be written, a command that cannot
 run) comes back to the daemon through a pipe, as the task's launch failure.
-The child's side of that is taskchild.py.
+The child's side of that is cm-task.c, or taskchild.py.
 """
 import ctypes
 import logging
