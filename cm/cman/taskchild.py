@@ -30,6 +30,32 @@ DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
 JOIN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
 
 
+class _KernelSigaction(ctypes.Structure):
+    """The kernel's struct sigaction (x86-64's and arm64's)."""
+    _fields_ = [("handler", ctypes.c_void_p), ("flags", ctypes.c_ulong), ("restorer", ctypes.c_void_p),
+                ("mask", ctypes.c_ulong)]
+
+
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}.get(os.uname().machine)
+
+
+def default_signals():
+    """Every signal at its default, as cm-task sets them: those the daemon ignores or handles,
+    and those it inherited ignored (make, for one, starts its commands with the C library's
+    own signals 32 and 33 ignored, which Python's signal module and the C library's signal()
+    refuse to touch: the system call itself resets those)."""
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    if _SYS_RT_SIGACTION is not None:
+        default = _KernelSigaction()
+        for sig in range(32, signal.SIGRTMIN):
+            _libc.syscall(_SYS_RT_SIGACTION, sig, ctypes.byref(default), None, ctypes.sizeof(ctypes.c_ulong))
+
+
 def _die_with_daemon():
     """In the task, before exec: SIGKILL it if the compute daemon dies, so that
     no task outlives the daemon that reports it. Set after the switch of user,
@@ -145,8 +171,7 @@ class TaskChild:
         then are they let through."""
         try:
             signal.set_wakeup_fd(-1)      # the daemon's wake-up pipe is not ours to write
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ, *DAEMON_SIGNALS):
-                signal.signal(sig, signal.SIG_DFL)
+            default_signals()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
             self.parent = parent
             os.setsid()
