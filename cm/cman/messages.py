@@ -336,6 +336,23 @@ class Hold(Message):
     FIELDS = {"job_ids": List(JOB_REF, min_len=1, max_len=100000)}
 
 
+class Drain(Message):
+    """CLI -> head: cmnode drain: no new job starts on these nodes; the running ones finish."""
+    OP = Op.DRAIN
+    FIELDS = {"nodes": List(NODE_NAME, min_len=1, max_len=10000), "reason": Str(256)}
+
+
+class NodeDown(Drain):
+    """CLI -> head: cmnode down: drained, and its jobs stopped (requeued, or NODE_FAIL)."""
+    OP = Op.NODE_DOWN
+
+
+class Resume(Message):
+    """CLI -> head: cmnode resume: these nodes take work again."""
+    OP = Op.RESUME
+    FIELDS = {"nodes": List(NODE_NAME, min_len=1, max_len=10000)}
+
+
 class Release(Hold):
     """CLI -> head: let these held jobs start (cmctl release)."""
     OP = Op.RELEASE
@@ -383,6 +400,11 @@ class JobEnded(Reply):
     FIELDS = ("job",)
 
 
+class NodesChanged(Reply):
+    """cmnode: each node asked for, as it is now: {"name", "status", "drain"}."""
+    FIELDS = ("nodes",)
+
+
 class Refused(Reply):
     """The request was not carried out; the error is one line for the user."""
     OK = False
@@ -398,7 +420,7 @@ class Invalid(Reply):
 
 COMPUTE_TO_HEAD = {m.OP: m for m in (Register, Heartbeat, TaskEnded)}
 HEAD_TO_COMPUTE = {m.OP: m for m in (Welcome, HeartbeatAck, RegisterAgain, Launch, Kill, EndedAck)}
-CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait, Hold, Release)}
+CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait, Hold, Release, Drain, Resume, NodeDown)}
 
 
 def launch_bytes(argv, env, workdir, nodes, script=""):

@@ -44,6 +44,9 @@ class NodeStatus:
     IDLE = "idle"
     MIXED = "mixed"              # some CPUs allocated
     ALLOC = "alloc"              # every CPU allocated
+    DRAINING = "draining"        # drained (cmnode drain) with jobs still running
+    DRAINED = "drained"          # drained, and its jobs have ended
+    DOWNED = "down*"             # set down by an admin (cmnode down), heard from all the same
 
 
 class PendingReason:
@@ -88,6 +91,9 @@ class Op:
     WAIT = "wait"
     HOLD = "hold"
     RELEASE = "release"
+    DRAIN = "drain"
+    RESUME = "resume"
+    NODE_DOWN = "node_down"
 
 
 class Exit:

@@ -53,11 +53,19 @@ def table(rows, headers):
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows])
 
 
+def node_reason(node):
+    """Why a node is down, or drained (and by whom), as sinfo -R shows it."""
+    drain = node.get("drain")
+    if drain:
+        return f"{drain['reason']} ({'down' if drain.get('down') else 'drained'} by {drain['by']})"
+    return node["reason"] or ""
+
+
 def node_lines(nodes):
     rows = [(n["name"], n["status"], f"{n['alloc_cpus']}/{n['cpus']}",
              f"{units.format_mem(n['alloc_mem_mb'])}/{units.format_mem(n['mem_mb'])}",
              units.format_mem(n["mem_used_mb"]), f"{n['load']:.2f}",
-             n.get("containment") or "-", ",".join(map(str, n.get("job_labels", n["jobs"]))) or "-", n["reason"] or "")
+             n.get("containment") or "-", ",".join(map(str, n.get("job_labels", n["jobs"]))) or "-", node_reason(n))
             for n in nodes]
     out = table(rows, ("NODE", "STATE", "CPUS(A/T)", "MEM(A/T)", "MEM USED", "LOAD", "CONTAINMENT", "JOBS", "REASON"))
     up = [n for n in nodes if n["state"] == "UP"]

@@ -13,7 +13,8 @@ import pwd
 
 from .. import arrays, depend, messages, placement
 from ..jobs import Job, new_element
-from ..messages import BadMessage, Cancelled, Changed, InfoReply, Invalid, JobEnded, Refused, Submitted
+from ..messages import (BadMessage, Cancelled, Changed, InfoReply, Invalid, JobEnded, NodesChanged, Refused,
+                        Submitted)
 from ..vocab import MAX_MESSAGE_BYTES, JobState, Op, PendingReason
 
 log = logging.getLogger("cm.head")
@@ -49,7 +50,9 @@ class CliApi:
         self.db_available = True
         self.handlers = {Op.SUBMIT: self.on_submit, Op.INFO: self.on_info,
                          Op.CANCEL: self.on_cancel, Op.WAIT: self.on_wait,
-                         Op.HOLD: self.on_hold, Op.RELEASE: self.on_hold}
+                         Op.HOLD: self.on_hold, Op.RELEASE: self.on_hold,
+                         Op.DRAIN: self.on_node_admin, Op.NODE_DOWN: self.on_node_admin,
+                         Op.RESUME: self.on_node_admin}
         queue.on_retired = self.job_ended
 
     def remember(self, job):
@@ -349,6 +352,38 @@ class CliApi:
         results = [{"job_id": messages.shown_ref(ref), **self.queue.hold(ref, caller.uid, held)}
                    for ref in msg.job_ids]
         self.out.writer.barrier(lambda error, _: self.answer(caller, msg, Changed(results=results)))
+
+    def on_node_admin(self, caller, msg):
+        """cmnode drain, down or resume, root's alone: every node named must exist, or nothing
+        changes. Drained: no new job starts there, the running ones finish. Down: drained, and
+        its jobs are stopped, each requeued (retries left) or ended NODE_FAIL once the node says
+        its tasks have ended, so that none runs in two places at once. Answered once recorded:
+        a drained node stays drained across restarts of the head and of its daemon."""
+        if caller.uid != 0:
+            self.out.reply(caller, Refused(error="permission denied: only root may drain, down or resume nodes"))
+            return
+        unknown = [name for name in msg.nodes if name not in self.nodes]
+        if unknown:
+            self.out.reply(caller, Invalid(error=f"no such node: {', '.join(unknown)}; nothing changed", usage=True))
+            return
+        self.begin(caller, msg)
+        who = user_name(caller.uid)
+        for name in dict.fromkeys(msg.nodes):
+            node = self.nodes[name]
+            if msg.OP == Op.RESUME:
+                node.drain = None
+                self.queue.triggers.add(f"node {name} resumed")
+                log.info("node %s resumed by %s", name, who)
+            else:
+                down = msg.OP == Op.NODE_DOWN
+                node.drain = {"reason": msg.reason, "by": who, "since": self.wall(), "down": down}
+                log.info("node %s %s by %s: %s", name, "set down" if down else "drained", who, msg.reason)
+                if down:
+                    self.queue.stop_jobs_on(node, f"node {name} set down by {who}: {msg.reason}")
+            self.out.writer.save_node(name, node.stored())
+        views = [{"name": n, "status": self.nodes[n].status(), "drain": self.nodes[n].view()["drain"]}
+                 for n in dict.fromkeys(msg.nodes)]
+        self.out.writer.barrier(lambda error, _: self.answer(caller, msg, NodesChanged(nodes=views)))
 
     def on_wait(self, caller, msg):
         job_id = msg.job_id

@@ -27,9 +27,12 @@ class InvalidNodeTransition(RuntimeError):
 class Node:
     """A compute node as the head sees it. Allocation and usage live only in memory."""
 
-    def __init__(self, name, cpus, mem_mb, state=NodeState.DOWN, reason="", state_since=None):
+    def __init__(self, name, cpus, mem_mb, state=NodeState.DOWN, reason="", state_since=None, drain=None):
         self.name, self.cpus, self.mem_mb = name, cpus, mem_mb
         self.state, self.reason, self.state_since = state, reason, state_since
+        # An admin's hold on it (cmnode drain or down): {"reason", "by", "since", "down"}, or None.
+        # Kept in the database, so that it holds across restarts of the head and of the node.
+        self.drain = drain
         self.connected = False           # registered with this head process since it started
         self.last_seen = 0.0             # monotonic time of its last message
         self.alloc_cpus = self.alloc_mem_mb = 0
@@ -42,14 +45,18 @@ class Node:
 
     @property
     def ready(self):
-        """May receive work: up, and talking to this head."""
-        return self.state == NodeState.UP and self.connected
+        """May receive work: up, talking to this head, and not drained."""
+        return self.state == NodeState.UP and self.connected and self.drain is None
 
     def status(self):
         if self.state == NodeState.DOWN:
             return NodeStatus.DOWN
         if not self.connected:
             return NodeStatus.UNKNOWN
+        if self.drain is not None:
+            if self.drain.get("down"):
+                return NodeStatus.DOWNED
+            return NodeStatus.DRAINING if self.jobs else NodeStatus.DRAINED
         if self.alloc_cpus == 0:
             return NodeStatus.IDLE
         return NodeStatus.ALLOC if self.alloc_cpus >= self.cpus else NodeStatus.MIXED
@@ -57,7 +64,7 @@ class Node:
     def stored(self):
         """What the database keeps of a node (written on UP/DOWN and on a change of size)."""
         return {"state": self.state, "reason": self.reason, "state_since": self.state_since,
-                "cpus": self.cpus, "mem_mb": self.mem_mb}
+                "cpus": self.cpus, "mem_mb": self.mem_mb, "drain": self.drain}
 
     def view(self):
         return {
@@ -66,6 +73,7 @@ class Node:
             "mem_mb": self.mem_mb, "alloc_mem_mb": self.alloc_mem_mb, "mem_used_mb": self.mem_used_mb,
             "load": round(self.load, 2), "cpu_percent": round(self.cpu_percent, 1),
             "jobs": sorted(self.jobs), "state_since": self.state_since, "containment": self.containment,
+            "drain": dict(self.drain) if self.drain else None,
         }
 
 
@@ -164,7 +172,7 @@ class Nodes:
                     self.set_timer(deadline, LIVENESS, name)     # heard from since: check again then
                 else:
                     out.append((LIVENESS, node, now - node.last_seen))
-            elif what == FORGET and node.state == NodeState.DOWN and not node.jobs:
+            elif what == FORGET and node.state == NodeState.DOWN and not node.jobs and node.drain is None:
                 down_for = self.wall() - (node.state_since or 0)
                 if down_for >= self.cfg.node_forget_after:
                     out.append((FORGET, node, None))

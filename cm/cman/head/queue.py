@@ -712,6 +712,16 @@ class JobQueue:
             self.doom(job, fate, why)
             self.end_outstanding(job, node.name, EndCause.LOST)
 
+    def stop_jobs_on(self, node, why):
+        """An admin sets a node down: each job running there is stopped everywhere, and once
+        its tasks have ended it is requeued (retries left) or ends NODE_FAIL, as for a lost
+        node, but only then: none runs in two places at once."""
+        for job_id in sorted(node.jobs):
+            job = self.jobs[job_id]
+            if self.doom(job, lifecycle.fate_after_node_loss(job), why):
+                self.write_job(job, ("fate", "reason"))
+                log.info("job %d: %s", job.id, why)
+
     def finish_job(self, job):
         """Every task of a running job has ended."""
         if job.fate == lifecycle.REQUEUE:

@@ -19,8 +19,15 @@ def restore(core, state):
     """Load store.load()'s state into a new core."""
     now = core.clock()
     for d in state["nodes"]:
+        drain = d.get("drain")
+        if isinstance(drain, dict):       # as cmnode left it; whatever else is there, in that shape
+            drain = {"reason": str(drain.get("reason", "")), "by": str(drain.get("by", "")),
+                     "since": drain.get("since") if isinstance(drain.get("since"), (int, float)) else None,
+                     "down": drain.get("down") is True}
+        else:
+            drain = None
         node = core.nodes.add(Node(d["name"], d["cpus"], d["mem_mb"], d["state"], d.get("reason", ""),
-                                   d.get("state_since")))
+                                   d.get("state_since"), drain))
         if node.state == NodeState.UP:
             node.last_seen = now
             core.nodes.set_timer(now + core.cfg.node_timeout, LIVENESS, node.name)
