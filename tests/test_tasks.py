@@ -98,35 +98,22 @@ def ends_of(runner, count, timeout=15.0):
     return ends
 
 
-def test_the_spawner_forks_the_tasks_and_reports_their_ends_and_a_dead_one_is_replaced(tmp_path):
-    from cman import spawner as spawners
-    spawner = spawners.start()
-    runner = Runner("n1", kill_grace=1.0, clock=time.monotonic, spawner=spawner)
-    try:
-        assert runner.launch(launch(1, str(tmp_path), ["sh", "-c", "echo $CM_JOB_ID; exit 3"])) == []
-        assert runner.launch(launch(2, str(tmp_path), ["no-such-command"])) == []
-        ends = {e["job"]: e for e in ends_of(runner, 2)}
-        assert (ends[1]["cause"], ends[1]["exit_code"]) == (EndCause.EXITED, 3)
-        assert (ends[2]["cause"], ends[2]["exit_code"]) == (EndCause.LAUNCH_FAILED, 127)
-        assert "cannot run 'no-such-command'" in ends[2]["message"]
-        with open(tmp_path / "cmlogs" / "1" / "0.out") as f:
-            assert f.read() == "1\n"
-        assert runner.by_pid == {} and runner.tasks == {}
-        # The spawner dies: its running task dies with it and ends LOST; the next is forked by another.
-        runner.launch(launch(3, str(tmp_path), ["sleep", "30"]))
-        os.kill(spawner.pid, signal.SIGKILL)
-        (end,) = ends_of(runner, 1)
-        assert (end["job"], end["cause"]) == (3, EndCause.LOST) and "spawner died" in end["message"]
-        assert runner.spawner is not spawner and runner.spawner is not None
-        runner.launch(launch(4, str(tmp_path), ["true"]))
-        (end,) = ends_of(runner, 1)
-        assert (end["job"], end["cause"], end["exit_code"]) == (4, EndCause.EXITED, 0)
-    finally:
-        if runner.spawner is not None:
-            runner.spawner.close()
+@pytest.mark.parametrize("how", ["helper", "fork"])
+def test_the_runner_starts_tasks_and_reports_their_ends(tmp_path, how):
+    from cman.taskchild import helper_path
+    runner = Runner("n1", kill_grace=1.0, clock=time.monotonic, helper=helper_path() if how == "helper" else None)
+    assert runner.launch(launch(1, str(tmp_path), ["sh", "-c", "echo $CM_JOB_ID; exit 3"])) == []
+    assert runner.launch(launch(2, str(tmp_path), ["no-such-command"])) == []
+    ends = {e["job"]: e for e in ends_of(runner, 2)}
+    assert (ends[1]["cause"], ends[1]["exit_code"]) == (EndCause.EXITED, 3)
+    assert (ends[2]["cause"], ends[2]["exit_code"]) == (EndCause.LAUNCH_FAILED, 127)
+    assert "cannot run 'no-such-command'" in ends[2]["message"]
+    with open(tmp_path / "cmlogs" / "1" / "0.out") as f:
+        assert f.read() == "1\n"
+    assert runner.by_pid == {} and runner.tasks == {}
 
 
-# ---- how a task starts: cm-task (C), the spawner's fork, the daemon's fork: the same steps ----
+# ---- how a task starts: cm-task (C) or the daemon's fork (Python): the same steps ----
 
 USER_ID = 424201 if os.geteuid() == 0 else os.geteuid()   # a task of another user's, where we are root
 
@@ -212,31 +199,25 @@ def start_cases(tmp_path):
 
 
 def run_cases(tmp_path, how):
-    from cman import spawner as spawners
     from cman.taskchild import ChildSpec, helper_path, log_dir_name
     cases, work = start_cases(tmp_path)
-    spawner = spawners.start() if how == "spawner" else None
     helper = helper_path() if how == "helper" else None
-    runner = Runner("n1", kill_grace=1.0, clock=time.monotonic, spawner=spawner, helper=helper,
+    runner = Runner("n1", kill_grace=1.0, clock=time.monotonic, helper=helper,
                     containment=FakeContainment(str(tmp_path)))
     results = {}
-    try:
-        for case, spec, setup in cases:
-            if setup:
-                setup()
-            ends = runner.launch(spec) or ends_of(runner, 1)
-            (end,) = ends
-            out = work / log_dir_name(ChildSpec.of(spec)) / "0.out"
-            text = out.read_text() if out.is_file() and not out.is_symlink() else None
-            message = end["message"].replace(str(tmp_path), "TMP")
-            results[case] = (end["cause"], end["exit_code"], message, text)
-            if case == 1:
-                results["joined"] = (tmp_path / "procs.1").read_text()
-            if case == 7:
-                results["kept"] = (work / "cmlogs" / "7" / "0.out.0").read_text()
-    finally:
-        if spawner is not None:
-            spawner.close()
+    for case, spec, setup in cases:
+        if setup:
+            setup()
+        ends = runner.launch(spec) or ends_of(runner, 1)
+        (end,) = ends
+        out = work / log_dir_name(ChildSpec.of(spec)) / "0.out"
+        text = out.read_text() if out.is_file() and not out.is_symlink() else None
+        message = end["message"].replace(str(tmp_path), "TMP")
+        results[case] = (end["cause"], end["exit_code"], message, text)
+        if case == 1:
+            results["joined"] = (tmp_path / "procs.1").read_text()
+        if case == 7:
+            results["kept"] = (work / "cmlogs" / "7" / "0.out.0").read_text()
     return results
 
 
@@ -249,7 +230,7 @@ def open_tmp():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_cm_task_the_spawner_and_the_daemon_start_a_task_the_same_way(open_tmp):
+def test_cm_task_and_the_daemons_fork_start_a_task_the_same_way(open_tmp):
     from cman.taskchild import helper_path
     # Under CI nothing is skipped: cm-task is built by the README's test command (make test).
     assert helper_path(), "cm/libexec/cm-task is not built: run `make helper`"
@@ -258,7 +239,7 @@ def test_cm_task_the_spawner_and_the_daemon_start_a_task_the_same_way(open_tmp):
     # library's 32 and 33 ignored): its tasks start with every signal at its default all the same.
     before = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        for how in ("helper", "spawner", "fork"):
+        for how in ("helper", "fork"):
             (open_tmp / how).mkdir(mode=0o755)
             results[how] = run_cases(open_tmp / how, how)
     finally:
@@ -282,7 +263,7 @@ def test_cm_task_the_spawner_and_the_daemon_start_a_task_the_same_way(open_tmp):
         assert helper[8][:3] == (EndCause.LAUNCH_FAILED, 1, f"TMP/work/cmlogs/8 is not a directory of {USER_ID}'s")
     assert helper[9][:2] == (EndCause.LAUNCH_FAILED, 1) and "No such device or address" in helper[9][2]
     # The Python twins do the same: the same ends, messages and output, case by case.
-    for how in ("spawner", "fork"):
+    for how in ("fork",):
         for case in helper:
             if case == 1:
                 assert results[how][1][:3] == helper[1][:3]

@@ -19,8 +19,7 @@ Where things live:
   tasks      starting, signalling, timing out and reaping task processes
   taskchild  what a task does between its start and its exec (as root, then as its user);
              cm/libexec/cm-task.c, the same in C, which the daemon posix_spawns
-  spawner    where cm-task was not built: the small process, forked before anything is
-             loaded, that forks the tasks
+             (where it was not built, the daemon forks TaskChild)
   statefile  the compute daemon's state file (two slots written in place)
   cgroups    a cgroup per job on a node (v1 or v2), or process groups where none can be had
   keys       the CURVE keys: one per node, its name bound to it on the head

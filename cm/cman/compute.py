@@ -51,7 +51,7 @@ def boot_id():
 
 
 class Compute:
-    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic, spawner=None, helper=None):
+    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic, helper=None):
         self.cfg, self.name, self.cpus, self.mem_mb, self.clock = cfg, name, cpus, mem_mb, clock
         self.endpoint = f"tcp://{cfg.head_host}:{cfg.head_port}"
         self.heartbeat_interval = cfg.heartbeat_interval
@@ -64,8 +64,7 @@ class Compute:
                  ",".join(self.containment.controllers))
         self.helper = helper              # cm-task, which starts each task (taskchild.spawn_helper)
         log.info("node %s starts tasks with %s", name, f"cm-task ({HELPER})" if helper else
-                 "the task spawner (cm-task was not built: make helper), which forks them")
-        self.spawner = spawner            # or what forks them (spawner.py), once the poller exists
+                 "forks of the daemon (cm-task was not built: make helper)")
         self.runner = None
         self.unacked = {}                 # (job, attempt, rank) -> end report, until the head acknowledges it
         self.state_changed = False        # the state file is behind: written at the end of the step
@@ -102,21 +101,13 @@ class Compute:
             signal.SIGINT: self.request_stop,
         })
         self.poller.register(self.signals.fd, zmq.POLLIN)
-        self.runner = Runner(self.name, self.cfg.kill_grace, self.clock, self.containment, watch=self.watch_fd,
-                             spawner=self.spawner, helper=self.helper)
+        self.runner = Runner(self.name, self.cfg.kill_grace, self.clock, self.containment, helper=self.helper)
         become_subreaper()
         self.recover()
         self.connect()
 
     def request_stop(self, signum, frame):
         self.stopping = True
-
-    def watch_fd(self, fd, on):
-        """The task spawner's socket, whose exit reports the step's collect_ended() reaps."""
-        if on:
-            self.poller.register(fd, zmq.POLLIN)
-        else:
-            self.poller.unregister(fd)
 
     def recover(self):
         """Take over from a daemon of this node that stopped without a goodbye."""
@@ -236,7 +227,6 @@ class Compute:
                 self.drain_head()
             elif item == self.signals.fd:
                 self.signals.drain()
-            # else the task spawner's socket: collect_ended() reads its exit reports
         self.collect_ended()
         if self.state_changed:
             self.save_state()
@@ -296,7 +286,7 @@ class Compute:
 
     def drain_readable(self, item):
         """While the node does not serve its head (stopping, pausing): what is readable is
-        drained so that the poll does not spin (the spawner's exit reports: collect_ended())."""
+        drained so that the poll does not spin."""
         if item == self.signals.fd:
             self.signals.drain()
         elif item is self.socket:
@@ -430,11 +420,10 @@ def _span(ranks):
     return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
 
 
-def serve(cfg, name, cpus, mem_mb, spawner=None, helper=None):
+def serve(cfg, name, cpus, mem_mb, helper=None):
     """Run a compute daemon until SIGTERM or SIGINT. How it starts tasks: helper, the path of
-    cm-task; else spawner, the task spawner, started before this module was loaded
-    (spawner.py); else it forks them itself."""
-    node = Compute(cfg, name, cpus, mem_mb, spawner=spawner, helper=helper)
+    cm-task; else it forks them itself."""
+    node = Compute(cfg, name, cpus, mem_mb, helper=helper)
     node.open()
     try:
         node.run()

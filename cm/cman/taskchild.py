@@ -9,8 +9,8 @@ Where cm-task (cm/libexec/cm-task.c, the same steps in C) was built, the
 compute daemon starts that with posix_spawn instead (spawn_helper): no fork
 of a Python process, and a task costs a third of the CPU.
 
-Standard library only: the task spawner (spawner.py), a small process that
-forks the tasks, imports this and little else.
+Standard library only: cmdaemon looks for cm-task (helper_path) before it
+loads anything else.
 """
 import ctypes
 import errno
@@ -65,8 +65,6 @@ def _die_with_daemon():
 
 class ChildSpec:
     """What the child needs of a Launch: job, attempt, workdir, argv, script, array."""
-    FIELDS = ("job", "attempt", "workdir", "argv", "script", "array")
-
     def __init__(self, job, attempt, workdir, argv, script="", array=None):
         self.job, self.attempt, self.workdir, self.argv = job, attempt, workdir, argv
         self.script, self.array = script, array
@@ -74,9 +72,6 @@ class ChildSpec:
     @classmethod
     def of(cls, launch):
         return cls(launch.job, launch.attempt, launch.workdir, launch.argv, launch.script, launch.get("array"))
-
-    def to_dict(self):
-        return {f: getattr(self, f) for f in self.FIELDS}
 
 
 def log_dir_name(spec):

@@ -2,8 +2,7 @@
 
 Each task is the job's command in its own session and process group,
 started as cm-task (cm/libexec/cm-task.c, posix_spawn'ed from here), or,
-where that was not built, forked by the node's task spawner (spawner.py,
-which reports its exit status here) or here, in the job's working directory,
+where that was not built, forked here (taskchild.py), in the job's working directory,
 with its output in
 <workdir>/cmlogs/<job>/<rank>.out and .err (an array's element's in
 cmlogs/<array>_<task>/). A daemon running as root starts it as the
@@ -34,7 +33,6 @@ import signal
 
 import psutil
 
-from . import spawner as spawners
 from .cgroups import ProcessGroups
 from .messages import task_end
 from .taskchild import ChildSpec, TaskChild, _libc, report_text, spawn_helper
@@ -74,7 +72,6 @@ class Task:
         self.stop_cause = None            # EndCause.TIMEOUT, KILLED or LOST once we start stopping it
         self.stop_message = ""
         self.kill_at = None               # when SIGTERM turns into SIGKILL
-        self.spawned = False              # forked by the spawner (else by the daemon)
 
 
 def task_env(spec, rank, local_rank, node_name):
@@ -105,19 +102,11 @@ REMOVE_FOR, REMOVE_EVERY = 60.0, 0.5
 
 
 class Runner:
-    def __init__(self, node_name, kill_grace, clock, containment=None, watch=lambda fd, on: None, spawner=None,
-                 helper=None):
-        """watch(fd, on): the daemon's poll loop starts (on) or stops watching the task
-        spawner's socket (its exit reports wake the loop, which reaps). How tasks start: helper, the path of
-        cm-task (taskchild.spawn_helper: the cheapest); else spawner, the task spawner
-        (spawner.py) that forks them; else they are forked here."""
+    def __init__(self, node_name, kill_grace, clock, containment=None, helper=None):
+        """How tasks start: helper, the path of cm-task (taskchild.spawn_helper: a posix_spawn,
+        nothing of this process copied); else each is a fork of this process (TaskChild)."""
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
-        self.watch = watch
         self.helper = helper
-        self.spawner = spawner
-        if spawner is not None:
-            watch(spawner.fileno(), True)     # its reports wake the loop, which reaps
-        self.lost_with_spawner = []       # tasks of a spawner that died, not yet reaped
         self.group_cache = {}             # (uid, gid) -> (until when, the user's groups)
         self.containment = containment or ProcessGroups()
         self.tasks = {}                   # key -> Task
@@ -216,8 +205,6 @@ class Runner:
         join_files = group.join_files() if group else ()
         if self.helper is not None:
             return self._spawn_helper(spec, key, env, report_r, report_w, identity, join_files)
-        if self.spawner is not None:
-            return self._spawn(spec, key, env, report_r, report_w, identity, join_files)
         try:
             pid = TaskChild(ChildSpec.of(spec), rank, env, report_w, identity, join_files).fork()
         except OSError as e:
@@ -239,41 +226,6 @@ class Runner:
             os.close(report_w)
         self._started(spec, key, pid, report_r)
         return None
-
-    def _spawn(self, spec, key, env, report_r, report_w, identity, join_files):
-        """Start a task through the spawner; if that is gone, another takes its place."""
-        try:
-            pid = self.spawner.spawn(ChildSpec.of(spec), key[2], env, report_w, identity, join_files)
-        except spawners.SpawnerGone as e:
-            os.close(report_r)
-            os.close(report_w)
-            self._spawner_gone(str(e))
-            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e}")
-        except OSError as e:
-            os.close(report_r)
-            os.close(report_w)
-            return task_end(key, EndCause.LAUNCH_FAILED, 1, None, str(e.strerror or e))
-        os.close(report_w)
-        self._started(spec, key, pid, report_r).spawned = True
-        return None
-
-    def _spawner_gone(self, why):
-        """The spawner died (or hung): its tasks died with it (PDEATHSIG), and come to us, the
-        subreaper, to be reaped, each ended LOST; those it had reaped and not reported are
-        ended so now. The next task is forked by a new spawner."""
-        log.error("node %s: %s; starting another", self.node_name, why)
-        old, self.spawner = self.spawner, None
-        self.watch(old.fileno(), False)
-        old.close()
-        for task in list(self.tasks.values()):
-            if task.spawned and task.stop_cause is None:
-                task.stop_cause, task.stop_message = EndCause.LOST, f"the node's task spawner died ({why})"
-        self.lost_with_spawner = [t for t in self.tasks.values() if t.spawned]
-        try:
-            self.spawner = spawners.start()
-            self.watch(self.spawner.fileno(), True)
-        except OSError as e:
-            log.error("node %s: cannot start a task spawner (%s); tasks are forked by the daemon", self.node_name, e)
 
     def _started(self, spec, key, pid, report_r):
         os.set_blocking(report_r, False)
@@ -365,7 +317,7 @@ class Runner:
                 found += [p for p in psutil.Process(task.pid).children(recursive=True) if _pgid(p) != task.pid]
             except psutil.Error:
                 pass
-        for child in _own_children(exclude=set(self.by_pid) | ({self.spawner.pid} if self.spawner else set())):
+        for child in _own_children(exclude=set(self.by_pid)):
             if _task_key(child) == task.key:
                 found.append(child)
                 try:
@@ -411,9 +363,8 @@ class Runner:
     # ---- reap ----
 
     def _exits(self):
-        """(pid, wait status) of what has ended: tasks the spawner reaped, and our own children
-        (tasks forked here, orphans of tasks, a spawner that died)."""
-        exits = self.spawner.drain() if self.spawner is not None else []
+        """(pid, wait status) of our children that have ended: tasks, and orphans of tasks."""
+        exits = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -422,14 +373,6 @@ class Runner:
             if pid == 0:
                 break
             exits.append((pid, status))
-            if self.spawner is not None and pid == self.spawner.pid:
-                self.spawner.gone = True
-        if self.spawner is not None and self.spawner.gone:
-            self._spawner_gone("the task spawner died")
-        for task in self.lost_with_spawner:
-            if task.key in self.tasks and not _exists(task):
-                exits.append((task.pid, 0))   # reaped by the spawner, never reported: as lost
-        self.lost_with_spawner = [t for t in self.lost_with_spawner if t.key in self.tasks and _exists(t)]
         return exits
 
     def reap(self):
@@ -527,14 +470,6 @@ def _pgid(proc):
         return os.getpgid(proc.pid)
     except OSError:
         return None
-
-
-def _exists(task):
-    """Whether the task's process (or its zombie) is still there."""
-    try:
-        return psutil.Process(task.pid).create_time() == task.create_time
-    except psutil.Error:
-        return False
 
 
 def _task_key(proc):

@@ -50,15 +50,11 @@ def main(args):
 
 
 def run_daemon(args):
-    spawner = helper = None
+    helper = None
     if args.role == "compute":
-        # Tasks start as cm-task (the C twin of taskchild.py), where it was built; else the
-        # spawner forks them, forked first, while this process is small (spawner.py).
+        # Tasks start as cm-task (the C twin of taskchild.py), where it was built.
         from ..taskchild import helper_path
         helper = helper_path()
-        if helper is None:
-            from .. import spawner as spawners
-            spawner = spawners.start()
     cfg = config.load()
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -89,7 +85,7 @@ def run_daemon(args):
     from .. import resources
     from ..compute import serve
     serve(cfg, name, args.cpus or resources.cpu_count(),
-          args.mem if args.mem is not None else resources.memory_mb(), spawner=spawner, helper=helper)
+          args.mem if args.mem is not None else resources.memory_mb(), helper=helper)
     return Exit.OK
 
 

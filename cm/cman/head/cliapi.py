@@ -381,7 +381,7 @@ class CliApi:
                 if down:
                     self.queue.stop_jobs_on(node, f"node {name} set down by {who}: {msg.reason}")
             self.out.writer.save_node(name, node.stored())
-        views = [{"name": n, "status": self.nodes[n].status(), "drain": self.nodes[n].view()["drain"]}
+        views = [{"name": n, "status": self.nodes[n].status(), "drain": self.nodes[n].drain}
                  for n in dict.fromkeys(msg.nodes)]
         self.out.writer.barrier(lambda error, _: self.answer(caller, msg, NodesChanged(nodes=views)))
 
