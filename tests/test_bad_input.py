@@ -80,7 +80,7 @@ def test_bad_settings_are_named(cluster):
     proc = cluster.cm("cminfo", env={"CM_REQUEST_TIMEOUT": "never"})
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("cminfo: error: setting request_timeout = 'never' (from environment variable "
-                                   "CM_REQUEST_TIMEOUT): want a number of seconds > 0")
+                                   "CM_REQUEST_TIMEOUT): want a number of seconds > 0 and below 1000000")
 
 
 def test_no_head_is_exit_3_with_what_to_check(cluster, tmp_path):

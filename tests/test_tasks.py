@@ -75,9 +75,18 @@ def test_a_seal_of_an_earlier_version_still_verifies_and_covers_only_what_it_did
     assert not sealer.verify(old)
     scripted = job(script="#!/bin/sh\ntrue\n")
     scripted.seal = sealer.seal(scripted)
-    assert scripted.seal.startswith("2:") and sealer.verify(scripted)
+    assert scripted.seal.startswith("3:") and sealer.verify(scripted)
     scripted.script = "#!/bin/sh\nrm -rf ~\n"
     assert not sealer.verify(scripted)
+    v2 = job(script="#!/bin/sh\ntrue\n")
+    v2.seal = sealer.seal(v2, version=2)              # as the release before --ntasks and GPUs sealed it
+    assert sealer.verify(v2)
+    v2.gpus_per_node = 4                              # a field version 2 never covered
+    assert not sealer.verify(v2)
+    wider = job()
+    wider.seal = sealer.seal(wider)
+    wider.task_count = 1000
+    assert not sealer.verify(wider)
     downgraded = job(script="#!/bin/sh\nid\n")
     downgraded.seal = sealer.seal(downgraded, version=1)   # a version-1 seal never covered a script
     assert not sealer.verify(downgraded)

@@ -24,7 +24,7 @@ import time
 
 import zmq
 
-from . import cgroups, keys, messages, wakeup
+from . import cgroups, gpus, keys, messages, wakeup
 from .config import ConfigError
 from .messages import BadMessage
 from .resources import Usage
@@ -51,8 +51,15 @@ def boot_id():
 
 
 class Compute:
-    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic, helper=None):
+    def __init__(self, cfg, name, cpus, mem_mb, clock=time.monotonic, helper=None, gpu_count=None):
         self.cfg, self.name, self.cpus, self.mem_mb, self.clock = cfg, name, cpus, mem_mb, clock
+        if gpu_count is None and cfg.gpus != "auto":
+            gpu_count = cfg.gpus
+        self.gpus, gpu_source = gpus.detect(gpu_count)
+        self.gpu_usage = gpus.GpuUsage(gpu_source, clock)
+        if self.gpus or gpu_source != "none":
+            log.info("node %s has %d GPUs (%s): %s", name, len(self.gpus), gpu_source,
+                     "; ".join(f"{g.index} {g.name} {g.uuid} {g.memory_mb} MiB".strip() for g in self.gpus) or "-")
         self.endpoint = f"tcp://{cfg.head_host}:{cfg.head_port}"
         self.heartbeat_interval = cfg.heartbeat_interval
         self.head_timeout = cfg.node_timeout
@@ -101,7 +108,8 @@ class Compute:
             signal.SIGINT: self.request_stop,
         })
         self.poller.register(self.signals.fd, zmq.POLLIN)
-        self.runner = Runner(self.name, self.cfg.kill_grace, self.clock, self.containment, helper=self.helper)
+        self.runner = Runner(self.name, self.cfg.kill_grace, self.clock, self.containment, helper=self.helper,
+                             gpus=len(self.gpus))
         become_subreaper()
         self.recover()
         self.connect()
@@ -243,7 +251,7 @@ class Compute:
             # that never answers is handled by the reconnect above.
             if self.welcomed:
                 running = sorted({key[:2] for key in self.runner.running_keys()})
-                self.send(messages.Heartbeat(**self.usage.sample(),
+                self.send(messages.Heartbeat(**self.usage.sample(), **self.gpu_usage.sample(),
                                              running=[{"job": j, "attempt": a} for j, a in running]))
             self.next_heartbeat = now + self.heartbeat_interval
 
@@ -337,7 +345,8 @@ class Compute:
         # What fits; the rest of the unacknowledged ends follow the welcome (send_ended).
         ended = next(iter(in_chunks(list(self.unacked.values()), ENDS_BYTES)), [])
         self.send(messages.Register(name=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
-                                    running=running, ended=ended, containment=self.containment.name))
+                                    running=running, ended=ended, containment=self.containment.name,
+                                    gpus=len(self.gpus), gpu_model=gpus.model_of(self.gpus)[:256]))
 
     def on_register_again(self, msg):
         if self.welcomed:                 # else a Register is on its way already
@@ -420,10 +429,10 @@ def _span(ranks):
     return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
 
 
-def serve(cfg, name, cpus, mem_mb, helper=None):
+def serve(cfg, name, cpus, mem_mb, helper=None, gpu_count=None):
     """Run a compute daemon until SIGTERM or SIGINT. How it starts tasks: helper, the path of
-    cm-task; else it forks them itself."""
-    node = Compute(cfg, name, cpus, mem_mb, helper=helper)
+    cm-task; else it forks them itself. gpu_count: GPUs to offer (None: the gpus setting)."""
+    node = Compute(cfg, name, cpus, mem_mb, helper=helper, gpu_count=gpu_count)
     node.open()
     try:
         node.run()

@@ -84,13 +84,29 @@ def _bool(text):
     return value in ("true", "yes", "1")
 
 
+def _scheduler(text):
+    if text not in ("fifo", "backfill"):
+        raise ValueError
+    return text
+
+
+def _gpus(text):
+    """auto (nvidia-smi or NVML finds them) or a count, for machines without the tools and tests."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if not 0 <= value <= 1024:
+        raise ValueError
+    return value
+
+
 def _level(text):
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError
     return text.lower()
 
 
-SECONDS = (_seconds, "a number of seconds > 0")
+SECONDS = (_seconds, "a number of seconds > 0 and below 1000000")
 
 # name -> (the function that turns its text into a checked value, what it wants).
 SCHEMA = {
@@ -115,6 +131,9 @@ SCHEMA = {
     "default_mem": (units.parse_mem, "a size such as 512M or 4G (0: none)"),
     "default_time": (units.parse_time_limit, units.TIME_FORMS + " (0: unlimited)"),
     "default_retries": (_count(0), "a whole number >= 0"),
+    "scheduler": (_scheduler, "fifo or backfill"),
+    "default_time_limit": (units.parse_time_limit, units.TIME_FORMS + " (0: unlimited)"),
+    "gpus": (_gpus, "auto or a whole number of GPUs from 0 to 1024"),
     "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
     "max_active_jobs_per_user": (_count(0), "a whole number >= 0 (0: no limit)"),
     "max_connections_per_user": (_count(1), "a whole number >= 1"),

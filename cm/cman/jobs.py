@@ -29,12 +29,14 @@ STORED_FIELDS = (
     "submit_time", "start_time", "end_time", "state", "reason",
     "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate", "seal",
     "script", "held", "dependency", "kill_on_invalid_dep", "array", "array_state", "array_id", "array_task",
+    "task_count", "task_layout", "gpus_per_node", "gpus_per_proc", "gpu_list",
 )
 
 
 # What an array's element has of its template (the rest is its own).
 INHERITED_FIELDS = ("name", "user", "uid", "gid", "argv", "workdir", "env", "nodes", "procs_per_node",
-                    "cpus_per_proc", "mem_mb", "time_limit", "retries", "submit_time", "script")
+                    "cpus_per_proc", "mem_mb", "time_limit", "retries", "submit_time", "script",
+                    "task_count", "gpus_per_node", "gpus_per_proc")
 
 
 # What the journal keeps of a live element: its own fields (its template keeps the rest).
@@ -65,8 +67,16 @@ class Job:
         self.array = None              # an array's template: what it is (arrays.py); else None
         self.array_state = None        # ... and how far its elements are (written as they change)
         self.array_id = self.array_task = None   # an array's element: its array's id and its task id
+        self.task_count = None         # --ntasks T: T processes wherever there is room (else -n x -p)
+        self.task_layout = []          # ... and, once placed, its processes on each node of node_list
+        self.gpus_per_node = self.gpus_per_proc = 0   # GPUs asked (the second: per process)
+        self.gpu_list = []             # once placed: the GPU indices it holds on each node of node_list,
+                                       # as text ("0,1"): the database may not nest lists
         self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
         self.__dict__.update(fields)   # cancel asked before a head restart still ends it after
+        self.task_layout = self.task_layout or []      # absent from records of before --ntasks
+        self.gpu_list = self.gpu_list or []
+        self.gpus_per_node, self.gpus_per_proc = self.gpus_per_node or 0, self.gpus_per_proc or 0
         if self.array is not None:     # a template: its task ids, and its elements in memory
             self.tasks = arrays.tasks_of(self.array)
             self.elements = set()
@@ -77,11 +87,33 @@ class Job:
 
     @property
     def ntasks(self):
-        return self.nodes * self.procs_per_node
+        return self.task_count or self.nodes * self.procs_per_node
+
+    @property
+    def node_count(self):
+        """Nodes it runs on (a --ntasks job's are known once it is placed: else None)."""
+        if self.task_count:
+            return len(self.node_list) or None
+        return self.nodes
+
+    def procs_on(self, node_rank):
+        return self.task_layout[node_rank] if self.task_layout else self.procs_per_node
+
+    def first_rank_on(self, node_rank):
+        if self.task_layout:
+            return sum(self.task_layout[:node_rank])
+        return node_rank * self.procs_per_node
 
     def ranks_on(self, node_rank):
-        first = node_rank * self.procs_per_node
-        return list(range(first, first + self.procs_per_node))
+        first = self.first_rank_on(node_rank)
+        return list(range(first, first + self.procs_on(node_rank)))
+
+    def gpus_on(self, node_rank):
+        return gpu_indices(self.gpu_list[node_rank]) if self.gpu_list else []
+
+    def layout(self):
+        """[(node name, processes)] in node-rank order: what it holds while it runs."""
+        return [(name, self.procs_on(i)) for i, name in enumerate(self.node_list)]
 
     def unended_ranks_by_node(self):
         ended = set(self.ended_ranks)
@@ -100,6 +132,9 @@ class Job:
             out["argv"] = [a[:VIEW_ARGV_CHARS // 8] for a in self.argv[:8]] + ["..."]
         out["elapsed"] = elapsed(self.start_time, self.end_time, now)
         out["ntasks"] = self.ntasks
+        out["nodes"] = self.node_count
+        out["gpu_list"] = [gpu_indices(g) for g in self.gpu_list]
+        out["gpus"] = sum(len(g) for g in out["gpu_list"])
         if self.array is not None:
             state = self.array_state
             out["array"] = {"count": self.array["count"], "limit": self.array["limit"], "ended": dict(state["ended"]),
@@ -111,6 +146,15 @@ class Job:
     @property
     def is_array(self):
         return self.array is not None
+
+
+def gpu_indices(text):
+    """"0,1" -> [0, 1]: a node's GPUs, as a job's record keeps them."""
+    return [int(i) for i in text.split(",") if i.isdigit()] if isinstance(text, str) else []
+
+
+def gpu_text(indices):
+    return ",".join(map(str, indices))
 
 
 def new_element(template, position):
@@ -143,14 +187,17 @@ def transition(job, new_state, now, reason=""):
         job.start_time, job.end_time = now, None
         job.exit_code, job.exit_signal, job.ended_ranks = 0, None, []
         job.outstanding = job.unended_ranks_by_node()
-        return {"state", "reason", "start_time", "end_time", "exit_code", "exit_signal", "ended_ranks", "node_list", "attempt"}
+        return {"state", "reason", "start_time", "end_time", "exit_code", "exit_signal", "ended_ranks", "node_list",
+                "attempt", "task_layout", "gpu_list"}
     if new_state == JobState.PENDING:
         # RUNNING -> PENDING: requeued after losing a node; it runs again as a new attempt.
         job.attempt += 1
         job.retries -= 1
         job.node_list, job.ended_ranks, job.outstanding, job.fate = [], [], {}, None
+        job.task_layout, job.gpu_list = [], []
         job.start_time = None
-        return {"state", "reason", "attempt", "retries", "node_list", "ended_ranks", "start_time", "fate"}
+        return {"state", "reason", "attempt", "retries", "node_list", "ended_ranks", "start_time", "fate",
+                "task_layout", "gpu_list"}
     # PENDING -> CANCELLED, or RUNNING -> a final state: every task has ended.
     job.end_time = now
     job.outstanding = {}

@@ -115,7 +115,7 @@ def start(name, argv, directory, env):
     return {"name": name, "pid": popen.pid, "log": log_path, "popen": popen, "argv": argv, "cm_env": cm_env}
 
 
-def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
+def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0, gpus=None):
     """Start the cluster; returns the environment a CLI needs to talk to it."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -154,7 +154,8 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0):
         wait_for(lambda: os.path.exists(socket_path), timeout, "the head to listen", [head])
         for name in node_names:
             processes.append(start(name, [sys.executable, CMDAEMON, "--role", "compute", "--name", name,
-                                          "--cpus", str(cpus), "--mem", f"{mem}M"], directory,
+                                          "--cpus", str(cpus), "--mem", f"{mem}M",
+                                          *(["--gpus", str(gpus)] if gpus is not None else [])], directory,
                                    dict(env, CM_KEYS_DIR="" if insecure else os.path.join(store, name))))
         record(directory, processes, {k: env[k] for k in ("CM_DATABASE_URL", "CM_SOCKET", "CM_HEAD_PORT")})
 

@@ -226,7 +226,9 @@ class Register(Message):
     """compute -> head: who I am, what I have, what I still run, what ended unacknowledged."""
     OP = Op.REGISTER
     FIELDS = {"name": NODE_NAME, "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),
-              "running": List(TASK_KEY), "ended": List(TASK_END), "containment": Str(64)}
+              "running": List(TASK_KEY), "ended": List(TASK_END), "containment": Str(64),
+              "gpus": Int(0, 1024), "gpu_model": Str(256, empty=True)}
+    OPTIONAL = ("gpus", "gpu_model")
 
 
 class Heartbeat(Message):
@@ -234,7 +236,9 @@ class Heartbeat(Message):
     running here, against which the head sends again a launch or kill that was lost."""
     OP = Op.HEARTBEAT
     FIELDS = {"load": Float(0, 1e6), "cpu_percent": Float(0, 1e6), "mem_used_mb": Int(0, 2**40),
-              "running": List(JOB_ATTEMPT, max_len=100000)}
+              "running": List(JOB_ATTEMPT, max_len=100000),
+              "gpu_util": Float(0, 100), "gpu_mem_used_mb": Int(0, 2**40)}     # means over its GPUs, where known
+    OPTIONAL = ("gpu_util", "gpu_mem_used_mb")
 
 
 class TaskEnded(Message):
@@ -278,8 +282,11 @@ class Launch(Message):
         # an array's element: its array's id, its task id, and its array's count and lowest and highest tasks
         "array": Record({"job": JOB_ID, "task": Int(0, 2**53), "count": Int(1, 2**53),
                          "min": Int(0, 2**53), "max": Int(0, 2**53)}),
+        "first_rank": RANK,               # this node's lowest rank (its local rank 0)
+        "gpus": List(Int(0, 1023), max_len=1024),     # this node's GPUs (their indices) the job holds
+        "gpus_per_proc": Int(0, 1024),    # each task gets its own that many of them (else all)
     }
-    OPTIONAL = ("array",)
+    OPTIONAL = ("array", "first_rank", "gpus", "gpus_per_proc")
 
 
 class Kill(Message):
@@ -305,9 +312,12 @@ class Submit(Message):
         "retries": Int(0, 1000), "wait": Bool(), "script": Str(MAX_SCRIPT), "hold": Bool(),
         "dependency": Str(20000), "kill_on_invalid_dep": Bool(),
         "array": Str(10000),              # an array's spec (arrays.py): one submission, its elements
+        "ntasks": Int(1, 10**6),          # processes wherever there is room (instead of nodes x procs_per_node)
+        "gpus_per_node": Int(0, 1024), "gpus_per_proc": Int(0, 1024),
     }
     OPTIONAL = ("nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "name", "retries", "wait",
-                "script", "hold", "dependency", "kill_on_invalid_dep", "array")
+                "script", "hold", "dependency", "kill_on_invalid_dep", "array", "ntasks", "gpus_per_node",
+                "gpus_per_proc")
 
 
 class Info(Message):

@@ -22,8 +22,11 @@ SEALED_FIELDS = {
         "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id"),
     2: ("uid", "gid", "user", "argv", "workdir", "env", "nodes", "procs_per_node",
         "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id", "script"),
+    3: ("uid", "gid", "user", "argv", "workdir", "env", "nodes", "procs_per_node",
+        "cpus_per_proc", "mem_mb", "time_limit", "submit_time", "request_id", "script",
+        "task_count", "gpus_per_node", "gpus_per_proc"),
 }
-LATEST = 2
+LATEST = 3
 CONTEXT = b"cm job seal 1"                # of the key (derived once, for every version)
 
 
@@ -76,4 +79,7 @@ class Sealer:
             return False
         if version == 1 and getattr(job, "script", ""):
             return False                  # a version-1 seal never covered a script
+        if version < 3 and (getattr(job, "task_count", None) or getattr(job, "gpus_per_node", 0)
+                            or getattr(job, "gpus_per_proc", 0)):
+            return False                  # nor did one before version 3 cover --ntasks or GPUs
         return hmac.compare_digest(job.seal, self.seal(job, version))

@@ -81,6 +81,11 @@ class JobDoc(me.EmbeddedDocument):
     array_state = me.DictField(null=True)                  # ... and how far its elements are
     array_id = me.IntField(null=True)                      # an array's element: its array
     array_task = me.IntField(null=True)                    # ... and its task id
+    task_count = me.IntField(min_value=1, null=True)       # --ntasks T (else nodes x procs_per_node)
+    task_layout = me.ListField(me.IntField(min_value=1))   # once placed: processes on each node
+    gpus_per_node = me.IntField(min_value=0, null=True)
+    gpus_per_proc = me.IntField(min_value=0, null=True)
+    gpu_list = me.ListField(me.StringField())              # once placed: GPUs on each node ("0,1")
 
 
 def check_job(fields):

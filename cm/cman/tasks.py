@@ -33,6 +33,7 @@ import signal
 
 import psutil
 
+from . import gpus
 from .cgroups import ProcessGroups
 from .messages import task_end
 from .taskchild import ChildSpec, TaskChild, _libc, report_text, spawn_helper
@@ -74,7 +75,7 @@ class Task:
         self.kill_at = None               # when SIGTERM turns into SIGKILL
 
 
-def task_env(spec, rank, local_rank, node_name):
+def task_env(spec, rank, local_rank, node_name, node_gpus=0):
     env = dict(entry.split("=", 1) for entry in spec.env)
     env.update({
         "CM_JOB_ID": str(spec.job),
@@ -88,6 +89,7 @@ def task_env(spec, rank, local_rank, node_name):
         "CM_NODENAME": node_name,
         "CM_NODELIST": ",".join(spec.nodelist),
     })
+    env.update(gpus.visible_devices(spec, local_rank, node_gpus))
     array = spec.get("array")
     if array is not None:                 # an array's element: Slurm's SLURM_ARRAY_* as CM_ARRAY_*
         env.update({"CM_ARRAY_JOB_ID": str(array["job"]), "CM_ARRAY_TASK_ID": str(array["task"]),
@@ -102,11 +104,12 @@ REMOVE_FOR, REMOVE_EVERY = 60.0, 0.5
 
 
 class Runner:
-    def __init__(self, node_name, kill_grace, clock, containment=None, helper=None):
+    def __init__(self, node_name, kill_grace, clock, containment=None, helper=None, gpus=0):
         """How tasks start: helper, the path of cm-task (taskchild.spawn_helper: a posix_spawn,
         nothing of this process copied); else each is a fork of this process (TaskChild)."""
         self.node_name, self.kill_grace, self.clock = node_name, kill_grace, clock
         self.helper = helper
+        self.gpus = gpus                  # how many GPUs this node has (tasks see only their own)
         self.group_cache = {}             # (uid, gid) -> (until when, the user's groups)
         self.containment = containment or ProcessGroups()
         self.tasks = {}                   # key -> Task
@@ -131,9 +134,11 @@ class Runner:
         refusal = self._refusal(spec)
         if not refusal:
             refusal = self._contain(spec)
-        per_node = spec.ntasks // spec.nnodes
+        first = spec.get("first_rank")
+        if first is None:                 # a head of before --ntasks: every node runs as many
+            first = spec.node_rank * (spec.ntasks // spec.nnodes)
         for rank in spec.ranks:
-            local_rank = rank - spec.node_rank * per_node
+            local_rank = rank - first
             key = (spec.job, spec.attempt, rank)
             if key in self.tasks:
                 continue                  # a repeated launch: it already runs
@@ -201,7 +206,7 @@ class Runner:
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
         except OSError as e:
             return task_end(key, EndCause.LAUNCH_FAILED, 1, None, f"cannot start a process: {e.strerror}")
-        env = task_env(spec, rank, local_rank, self.node_name)
+        env = task_env(spec, rank, local_rank, self.node_name, self.gpus)
         join_files = group.join_files() if group else ()
         if self.helper is not None:
             return self._spawn_helper(spec, key, env, report_r, report_w, identity, join_files)

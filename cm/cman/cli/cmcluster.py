@@ -29,6 +29,8 @@ def parser():
     u.add_argument("--nodes", type=whole_number(1), default=2, help="compute daemons to start (default 2)")
     u.add_argument("--cpus", type=whole_number(1), help="CPUs each node offers (default: this machine's count)")
     u.add_argument("--mem", type=converted(units.parse_mem), help="memory each node offers (default: this machine's)")
+    u.add_argument("--gpus", type=whole_number(0, 1024),
+                   help="GPUs each node offers, devices 0 ... N-1 (default: those nvidia-smi finds)")
     u.add_argument("--database-url", help="use this MongoDB instead of starting FerretDB")
     u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every node to register")
     for name, text in (("down", "stop every process of the cluster"), ("status", "show each process and its pid")):
@@ -50,7 +52,7 @@ def main(args):
                 raise CliError(f"--database-url: want a mongodb:// URL, got {args.database_url!r}")
             cpus = args.cpus or psutil.cpu_count()
             mem = args.mem if args.mem is not None else psutil.virtual_memory().total // (1024 * 1024)
-            env = up(args.dir, args.nodes, cpus, mem, args.database_url, args.timeout)
+            env = up(args.dir, args.nodes, cpus, mem, args.database_url, args.timeout, args.gpus)
             for name, value in env.items():
                 print(f"export {name}={shlex.quote(value)}")
         elif args.action in ("restart", "stop", "start"):

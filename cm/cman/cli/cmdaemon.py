@@ -28,6 +28,8 @@ def parser():
     p.add_argument("--name", help="compute: this node's name (default: the host name)")
     p.add_argument("--cpus", type=whole_number(1), help="compute: CPUs to offer (default: what affinity and cgroup allow)")
     p.add_argument("--mem", type=converted(units.parse_mem), help="compute: memory to offer, e.g. 4G (default: measured)")
+    p.add_argument("--gpus", type=whole_number(0, 1024),
+                   help="compute: GPUs to offer, devices 0 ... N-1 (default: the gpus setting; auto: those found)")
     p.add_argument("--profile", metavar="FILE", help="run under cProfile and write its statistics to FILE on stopping")
     return p
 
@@ -61,8 +63,8 @@ def run_daemon(args):
     from ..keys import check_keys_or_insecure
     check_keys_or_insecure(cfg, args.role, logging.getLogger("cm." + args.role))
     if args.role == "head":
-        if args.name or args.cpus or args.mem is not None:
-            raise UsageError("--name, --cpus and --mem are for --role compute")
+        if args.name or args.cpus or args.mem is not None or args.gpus is not None:
+            raise UsageError("--name, --cpus, --mem and --gpus are for --role compute")
         from ..head import serve
         from ..store import Store, StoreError
         import urllib.parse
@@ -85,7 +87,7 @@ def run_daemon(args):
     from .. import resources
     from ..compute import serve
     serve(cfg, name, args.cpus or resources.cpu_count(),
-          args.mem if args.mem is not None else resources.memory_mb(), helper=helper)
+          args.mem if args.mem is not None else resources.memory_mb(), helper=helper, gpu_count=args.gpus)
     return Exit.OK
 
 

@@ -5,7 +5,16 @@
     cminfo -j 7 --json     one job, as JSON for scripts
     cminfo -j 12           an array: its elements not started (12_[5-999]) and the others
     cminfo -j 12_7         one element of array 12
+    cminfo --start         the pending jobs, each with when it should start and where (squeue --start)
+
+A pending job's START is when the head's plan expects it to start: its running jobs
+ending at their time limits (default_time_limit for those without), the waiting ones
+starting in queue order. The first waiting job's is its backfill reservation; a later
+one may start sooner, by backfill, but not later, unless jobs run past their limits
+or nodes go away. A held job, one waiting for a dependency, or one too large for the
+nodes up now has none (N/A).
 """
+import time
 import json
 
 from .. import config, units
@@ -24,6 +33,8 @@ def parser():
                    help="with --all: how many ended jobs, newest first (default: %(default)s)")
     p.add_argument("-j", "--job", action="append", default=[], metavar="JOBID",
                    help="only these jobs (repeat, or separate with commas)")
+    p.add_argument("--start", action="store_true",
+                   help="only the pending jobs, with their expected start times and nodes (as squeue --start)")
     p.add_argument("--json", action="store_true", help='one JSON document {"nodes": [...], "jobs": [...]}')
     return p
 
@@ -61,13 +72,24 @@ def node_reason(node):
     return node["reason"] or ""
 
 
+def gpu_text(n):
+    """GPUS(A/T) of a node: 1/4 H200 (the model's last word), or - without GPUs."""
+    if not n.get("gpus"):
+        return "-"
+    model = (n.get("gpu_model") or "").split()
+    return f"{n['alloc_gpus']}/{n['gpus']}" + (f" {model[-1]}" if model else "")
+
+
 def node_lines(nodes):
+    with_gpus = any(n.get("gpus") for n in nodes)
     rows = [(n["name"], n["status"], f"{n['alloc_cpus']}/{n['cpus']}",
              f"{units.format_mem(n['alloc_mem_mb'])}/{units.format_mem(n['mem_mb'])}",
+             *([gpu_text(n)] if with_gpus else []),
              units.format_mem(n["mem_used_mb"]), f"{n['load']:.2f}",
              n.get("containment") or "-", ",".join(map(str, n.get("job_labels", n["jobs"]))) or "-", node_reason(n))
             for n in nodes]
-    out = table(rows, ("NODE", "STATE", "CPUS(A/T)", "MEM(A/T)", "MEM USED", "LOAD", "CONTAINMENT", "JOBS", "REASON"))
+    out = table(rows, ("NODE", "STATE", "CPUS(A/T)", "MEM(A/T)", *(["GPUS(A/T)"] if with_gpus else []),
+                       "MEM USED", "LOAD", "CONTAINMENT", "JOBS", "REASON"))
     up = [n for n in nodes if n["state"] == "UP"]
     total = sum(n["cpus"] for n in up)
     alloc = sum(n["alloc_cpus"] for n in up)
@@ -75,10 +97,33 @@ def node_lines(nodes):
     mem_alloc = sum(n["alloc_mem_mb"] for n in up)
     out += (f"\nTOTAL: {len(up)} up, {len(nodes) - len(up)} down; CPUs {alloc}/{total} allocated, "
             f"{total - alloc} free; memory {units.format_mem(mem_alloc)}/{units.format_mem(mem)} allocated")
+    if with_gpus:
+        out += f"; GPUs {sum(n.get('alloc_gpus', 0) for n in up)}/{sum(n.get('gpus', 0) for n in up)} allocated"
     return out
 
 
-def job_lines(jobs):
+def start_text(j, now):
+    """START of a pending job: 'now', a time of day today (14:05:10), or a date and time; N/A."""
+    start = j.get("expected_start")
+    if start is None:
+        return "N/A"
+    if start <= now + 1:
+        return "now"
+    return time.strftime("%H:%M:%S" if time.localtime(start)[:3] == time.localtime(now)[:3] else "%Y-%m-%dT%H:%M:%S",
+                         time.localtime(start))
+
+
+def start_lines(jobs, now):
+    """The pending jobs as squeue --start shows them."""
+    rows = [(job_label(j), j["user"], j["name"][:20], start_text(j, now), j["nodes"] or "-", j["ntasks"],
+             ",".join(j.get("expected_nodes") or []) or "-", j["reason"] or "-")
+            for j in jobs if j["state"] == "PENDING"]
+    if not rows:
+        return "no pending jobs"
+    return table(rows, ("JOBID", "USER", "NAME", "START", "NODES", "TASKS", "SCHEDNODES", "REASON"))
+
+
+def job_lines(jobs, now):
     rows = []
     for j in jobs:
         if j["state"] == "PENDING":
@@ -88,15 +133,21 @@ def job_lines(jobs):
             if j["reason"] and j["state"] not in ("RUNNING", "COMPLETED"):
                 where = f"{where} ({j['reason']})".strip()
         exit_code = "-" if j["state"] in ("PENDING", "RUNNING") else f"{j['exit_code']}:{j['exit_signal'] or 0}"
-        rows.append((job_label(j), j["user"], j["name"][:20], j["state"], j["nodes"], j["ntasks"],
+        start = start_text(j, now) if j["state"] == "PENDING" else "-"
+        rows.append((job_label(j), j["user"], j["name"][:20], j["state"], j["nodes"] or "-", j["ntasks"],
                      units.format_duration(j["elapsed"]), units.format_time_limit(j["time_limit"]),
-                     exit_code, where))
-    return table(rows, ("JOBID", "USER", "NAME", "STATE", "NODES", "TASKS", "ELAPSED", "LIMIT", "EXIT", "NODELIST(REASON)"))
+                     start, exit_code, where))
+    return table(rows, ("JOBID", "USER", "NAME", "STATE", "NODES", "TASKS", "ELAPSED", "LIMIT", "START", "EXIT",
+                        "NODELIST(REASON)"))
 
 
 def main(args):
     ids = job_ids(args.job)
-    if args.nodes or args.jobs:           # either or both, as asked
+    if args.start:
+        if args.nodes or args.all:
+            raise UsageError("--start shows pending jobs: not with --nodes or --all")
+        want_nodes, want_jobs = False, True
+    elif args.nodes or args.jobs:           # either or both, as asked
         want_nodes, want_jobs = args.nodes, args.jobs or args.all or bool(ids)
     else:                                 # -j alone shows just those jobs; otherwise everything
         want_nodes, want_jobs = not ids, True
@@ -108,6 +159,9 @@ def main(args):
         fields["all"] = True
         fields["limit"] = args.limit
     reply = request(settings, Op.INFO, **fields)
+    now = time.time()
+    if args.start:
+        reply["jobs"] = [j for j in reply["jobs"] if j["state"] == "PENDING"]
     if args.json:
         print(json.dumps({"nodes": reply["nodes"], "jobs": reply["jobs"], "insecure": reply["insecure"]},
                          indent=1, sort_keys=True))
@@ -119,8 +173,10 @@ def main(args):
         if want_nodes:
             parts.append(node_lines(reply["nodes"]) if reply["nodes"] else "no compute nodes have registered")
         if want_jobs:
-            if reply["jobs"] or not ids:
-                parts.append(job_lines(reply["jobs"]) if reply["jobs"] else "no jobs")
+            if args.start:
+                parts.append(start_lines(reply["jobs"], now))
+            elif reply["jobs"] or not ids:
+                parts.append(job_lines(reply["jobs"], now) if reply["jobs"] else "no jobs")
         if parts:
             print("\n\n".join(parts))
     for job_id in reply["missing"]:

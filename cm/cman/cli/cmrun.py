@@ -57,6 +57,13 @@ def parser():
             (("--retries",), dict(type=whole_number(0), help="times to requeue the job if a node running it is lost"))):
         action = p.add_argument(*flags, **kwargs)
         configured(action, settings[action.dest])
+    p.add_argument("--ntasks", type=whole_number(1, 10**6), metavar="T",
+                   help="T processes on whichever nodes have room, packed onto as few as hold them "
+                        "(as Slurm's -n without -N); instead of -n and -p")
+    p.add_argument("--gpus-per-node", type=whole_number(0, 1024), metavar="G",
+                   help="GPUs the job needs on each of its nodes (every task there sees them all)")
+    p.add_argument("--gpus-per-proc", type=whole_number(0, 1024), metavar="G",
+                   help="GPUs each process needs (each sees its own G in CUDA_VISIBLE_DEVICES)")
     p.add_argument("-J", "--name", help="job name (default: the command's name)")
     p.add_argument("-D", "--chdir", help="working directory of the tasks, where cmlogs/ goes (default: here)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its exit code")
@@ -146,8 +153,12 @@ def job_request(args, settings):
     workdir = os.path.abspath(args.chdir or os.getcwd())
     if not os.path.isdir(workdir):
         raise UsageError(f"-D/--chdir: {workdir} is not a directory")
+    if args.ntasks is not None and (args.nodes is not None or args.procs_per_node is not None):
+        raise UsageError("--ntasks places processes wherever there is room: give it without -n and -p")
+    if args.gpus_per_node and args.gpus_per_proc:
+        raise UsageError("--gpus-per-node and --gpus-per-proc: give one of them")
     for dest, setting in DEFAULTS:
-        if getattr(args, dest) is None:
+        if getattr(args, dest) is None and not (args.ntasks is not None and dest in ("nodes", "procs_per_node")):
             setattr(args, dest, getattr(settings, setting))
     env = [f"{k}={v}" for k, v in os.environ.items()]
     for what, texts in (("argument", args.command), ("working directory", [workdir]),
@@ -159,9 +170,15 @@ def job_request(args, settings):
                                f"(unset or re-encode it)")
             if len(text) > MAX_TEXT:
                 raise CliError(f"{what} {shown!r} is longer than cm carries ({MAX_TEXT} characters)")
-    fields = {"argv": args.command, "workdir": workdir, "env": env,
-              "nodes": args.nodes, "procs_per_node": args.procs_per_node, "cpus_per_proc": args.cpus_per_proc,
+    fields = {"argv": args.command, "workdir": workdir, "env": env, "cpus_per_proc": args.cpus_per_proc,
               "mem_mb": args.mem, "time_limit": args.time, "retries": args.retries}
+    if args.ntasks is not None:
+        fields["ntasks"] = args.ntasks
+    else:
+        fields.update(nodes=args.nodes, procs_per_node=args.procs_per_node)
+    for dest in ("gpus_per_node", "gpus_per_proc"):
+        if getattr(args, dest):
+            fields[dest] = getattr(args, dest)
     if args.name is not None:
         fields["name"] = args.name
     if script is not None:

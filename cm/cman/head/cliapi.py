@@ -169,13 +169,23 @@ class CliApi:
                 self.out.reply(caller, Invalid(error=f"--array: {e}", usage=True))
                 return
             array, array_state = arrays.new_state(msg.array, tasks, limit)
+        if msg.get("ntasks") and (msg.get("nodes") or msg.get("procs_per_node")):
+            self.out.reply(caller, Invalid(error="--ntasks asks for processes wherever there is room: "
+                                                 "give it without -n and -p", usage=True))
+            return
+        if msg.get("gpus_per_node") and msg.get("gpus_per_proc"):
+            self.out.reply(caller, Invalid(error="--gpus-per-node and --gpus-per-proc: give one of them", usage=True))
+            return
         held = msg.get("hold", False)
+        flexible = bool(msg.get("ntasks"))
         job = Job(
             id=None, name=msg.get("name", os.path.basename(msg.argv[0])),
             user=user_name(caller.uid), uid=caller.uid, gid=caller.gid,
             argv=msg.argv, workdir=msg.workdir, env=msg.env,
-            nodes=msg.get("nodes", cfg.default_nodes),
-            procs_per_node=msg.get("procs_per_node", cfg.default_procs_per_node),
+            nodes=1 if flexible else msg.get("nodes", cfg.default_nodes),
+            procs_per_node=1 if flexible else msg.get("procs_per_node", cfg.default_procs_per_node),
+            task_count=msg.get("ntasks") or None,
+            gpus_per_node=msg.get("gpus_per_node", 0), gpus_per_proc=msg.get("gpus_per_proc", 0),
             cpus_per_proc=msg.get("cpus_per_proc", cfg.default_cpus_per_proc),
             mem_mb=msg.get("mem_mb", cfg.default_mem),
             time_limit=msg.get("time_limit", cfg.default_time),
@@ -191,7 +201,8 @@ class CliApi:
         if limit and self.queue.active_by_uid[caller.uid] >= limit:
             why = (f"{job.user} has {limit} pending and running jobs, the most one user may have "
                    "(max_active_jobs_per_user)")
-        size = messages.launch_bytes(job.argv, job.env, job.workdir, job.nodes, job.script)
+        most_nodes = min(job.task_count, len(self.nodes.capacity()) or 1) if flexible else job.nodes
+        size = messages.launch_bytes(job.argv, job.env, job.workdir, most_nodes, job.script)
         if size > MAX_MESSAGE_BYTES:
             why = (f"its command, environment and node list take {size} bytes to send to a node, "
                    f"over the limit of {MAX_MESSAGE_BYTES}")
@@ -215,8 +226,10 @@ class CliApi:
             return
         job.id = job_id
         self.queue.add(job)
-        log.info("%s %d submitted by %s: %d x %d x %d CPUs, %s", f"array [{job.array['spec']}]" if job.is_array
-                 else "job", job.id, job.user, job.nodes, job.procs_per_node, job.cpus_per_proc, " ".join(job.argv)[:200])
+        size = (f"{job.task_count} processes" if job.task_count else f"{job.nodes} x {job.procs_per_node}") + \
+            f" x {job.cpus_per_proc} CPUs"
+        log.info("%s %d submitted by %s: %s, %s", f"array [{job.array['spec']}]" if job.is_array else "job",
+                 job.id, job.user, size, " ".join(job.argv)[:200])
         waits = msg.get("wait", False)
         self.answer(caller, msg, Submitted(job_id=job.id), last=not waits)
         if waits:
@@ -241,6 +254,7 @@ class CliApi:
         else:
             now = self.wall()
             reply.jobs = [self.queue.jobs[i].view(now) for i in sorted(self.queue.jobs) if shown(self.queue.jobs[i])]
+            self.add_expected_starts(reply.jobs, now)
             self.out.reply(caller, reply)
 
     def node_views(self):
@@ -274,6 +288,7 @@ class CliApi:
                 found[f"{fields['array_id']}_{fields['array_task']}"] = [Job(**fields).view(now)]
             reply.jobs = [view for ref in refs for view in found.get(messages.shown_ref(ref), ())]
             reply.missing = [messages.shown_ref(ref) for ref in refs if messages.shown_ref(ref) not in found]
+            self.add_expected_starts(reply.jobs, now)
             self.out.reply(caller, reply)
 
         def done(error, stored):
@@ -300,6 +315,18 @@ class CliApi:
             self.out.writer.read("find_history", (sorted(set(older)),), done)
         else:
             done(None, [])
+
+    def add_expected_starts(self, views, now):
+        """Each pending job's expected start (epoch seconds; null where none can be said: held,
+        waiting for a dependency, or too large for the nodes up now) and the nodes planned."""
+        pending = [v for v in views if v["state"] == JobState.PENDING]
+        if not pending:
+            return
+        plan = self.queue.expected_starts()
+        for view in pending:
+            start, layout = plan.get(view["id"], (None, None))
+            view["expected_start"] = None if start is None or start == placement.NEVER else max(start, now)
+            view["expected_nodes"] = [name for name, _ in layout] if layout and start != placement.NEVER else []
 
     def live_views(self, ref, now):
         """What cminfo -j shows of a job the head holds: [] if none."""

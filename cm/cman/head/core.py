@@ -64,12 +64,15 @@ class Core:
     # ---- compute daemons ----
 
     def on_register(self, name, msg):
-        node, changed = self.nodes.registered(name, msg.cpus, msg.mem_mb, msg.containment)
+        node, changed = self.nodes.registered(name, msg.cpus, msg.mem_mb, msg.containment,
+                                              msg.get("gpus", 0), msg.get("gpu_model", ""))
         if changed:
             self.out.writer.save_node(name, node.stored())
         self.queue.triggers.add(f"node {name} ready")
-        log.info("node %s registered: %d CPUs, %d MiB, %s, running %d tasks, reporting %d ended",
-                 name, msg.cpus, msg.mem_mb, msg.containment, len(msg.running), len(msg.ended))
+        log.info("node %s registered: %d CPUs, %d MiB, %s%s, running %d tasks, reporting %d ended",
+                 name, msg.cpus, msg.mem_mb, msg.containment,
+                 f", {msg.get('gpus')} GPUs ({msg.get('gpu_model', '')})" if msg.get("gpus") else "",
+                 len(msg.running), len(msg.ended))
         self.out.send(name, messages.Welcome(heartbeat_interval=self.cfg.heartbeat_interval,
                                              node_timeout=self.cfg.node_timeout))
         # After a (re)registration: match what the node runs with what the head expects.
@@ -87,6 +90,7 @@ class Core:
             return
         node.last_seen = self.clock()
         node.load, node.cpu_percent, node.mem_used_mb = msg.load, msg.cpu_percent, msg.mem_used_mb
+        node.gpu_util, node.gpu_mem_used_mb = msg.get("gpu_util"), msg.get("gpu_mem_used_mb")
         self.out.send(name, messages.HeartbeatAck())
         self.queue.check_running(node, {(r["job"], r["attempt"]) for r in msg.running}, node.last_seen)
 

@@ -27,8 +27,12 @@ class InvalidNodeTransition(RuntimeError):
 class Node:
     """A compute node as the head sees it. Allocation and usage live only in memory."""
 
-    def __init__(self, name, cpus, mem_mb, state=NodeState.DOWN, reason="", state_since=None, drain=None):
+    def __init__(self, name, cpus, mem_mb, state=NodeState.DOWN, reason="", state_since=None, drain=None,
+                 gpus=0, gpu_model=""):
         self.name, self.cpus, self.mem_mb = name, cpus, mem_mb
+        self.gpus, self.gpu_model = gpus, gpu_model     # its GPUs: how many (indices 0 ... gpus-1), what
+        self.gpus_held = set()           # indices of those jobs hold
+        self.gpu_util = self.gpu_mem_used_mb = None     # live, from heartbeats, where the node knows
         self.state, self.reason, self.state_since = state, reason, state_since
         # An admin's hold on it (cmnode drain or down): {"reason", "by", "since", "down"}, or None.
         # Kept in the database, so that it holds across restarts of the head and of the node.
@@ -64,7 +68,12 @@ class Node:
     def stored(self):
         """What the database keeps of a node (written on UP/DOWN and on a change of size)."""
         return {"state": self.state, "reason": self.reason, "state_since": self.state_since,
-                "cpus": self.cpus, "mem_mb": self.mem_mb, "drain": self.drain}
+                "cpus": self.cpus, "mem_mb": self.mem_mb, "drain": self.drain,
+                "gpus": self.gpus, "gpu_model": self.gpu_model}
+
+    def free_gpus(self, count):
+        """The lowest count GPU indices no job holds."""
+        return [i for i in range(self.gpus) if i not in self.gpus_held][:count]
 
     def view(self):
         return {
@@ -74,6 +83,8 @@ class Node:
             "load": round(self.load, 2), "cpu_percent": round(self.cpu_percent, 1),
             "jobs": sorted(self.jobs), "state_since": self.state_since, "containment": self.containment,
             "drain": dict(self.drain) if self.drain else None,
+            "gpus": self.gpus, "alloc_gpus": len(self.gpus_held), "gpu_model": self.gpu_model,
+            "gpu_util": self.gpu_util, "gpu_mem_used_mb": self.gpu_mem_used_mb,
         }
 
 
@@ -105,12 +116,13 @@ class Nodes:
         return [self.by_name[n].view() for n in sorted(self.by_name, key=placement.node_sort_key)]
 
     def capacity(self):
-        """{name: (cpus, mem_mb)} of every node, up or down: what a job could ever get."""
-        return {n.name: (n.cpus, n.mem_mb) for n in self.by_name.values()}
+        """{name: (cpus, mem_mb, gpus)} of every node, up or down: what a job could ever get."""
+        return {n.name: (n.cpus, n.mem_mb, n.gpus) for n in self.by_name.values()}
 
     def free(self):
-        """{name: (free cpus, free mem_mb)} of the nodes that may receive work."""
-        return {n.name: (n.cpus - n.alloc_cpus, n.mem_mb - n.alloc_mem_mb) for n in self.by_name.values() if n.ready}
+        """{name: (free cpus, free mem_mb, free gpus)} of the nodes that may receive work."""
+        return {n.name: (n.cpus - n.alloc_cpus, n.mem_mb - n.alloc_mem_mb, n.gpus - len(n.gpus_held))
+                for n in self.by_name.values() if n.ready}
 
     # ---- changes of state ----
 
@@ -128,12 +140,13 @@ class Nodes:
             node.connected = False
             self.plan_forget(node, now)
 
-    def registered(self, name, cpus, mem_mb, containment=""):
+    def registered(self, name, cpus, mem_mb, containment="", gpus=0, gpu_model=""):
         """A node (new, back, or reconnecting) says who it is. Returns it and whether
         what the database keeps of it changed."""
         node = self.by_name.get(name) or self.add(Node(name, cpus, mem_mb))
         before = node.stored()
         node.cpus, node.mem_mb, node.containment = cpus, mem_mb, containment
+        node.gpus, node.gpu_model = max(gpus, max(node.gpus_held, default=-1) + 1), gpu_model
         node.last_seen = self.clock()
         node.connected = True
         if node.state != NodeState.UP:

@@ -36,6 +36,9 @@ log = logging.getLogger("cm.head")
 # Stray job attempts a node's heartbeat may make the head act on (the rest wait for the next).
 MAX_STRAYS_A_HEARTBEAT = 100
 
+# Jobs (an array's elements each count) whose start cminfo estimates, in queue order.
+PLAN_DEPTH = 2000
+
 ALTERED = "its record in the database does not match the head's seal (altered there?): it runs nothing"
 
 
@@ -52,6 +55,9 @@ class JobQueue:
         self.arrays = {}                 # id -> the template of a live array
         self.array_ids = []              # their ids, in order: which array an element id is of
         self.on_retired = lambda job: None   # the CLI API tells those who wait for it
+        self.backfill = cfg.scheduler == placement.BACKFILL
+        self.plan_ahead = None           # {job id: (start, layout)}: estimates, made when asked for
+        self.last_ready = []             # the jobs the last pass could have started, in order
 
     def get(self, job_id):
         """A live or recently ended job, or None."""
@@ -117,20 +123,46 @@ class JobQueue:
 
     # ---- resources ----
 
+    def held_on(self, job, name):
+        """(cpus, mem_mb, GPU indices) job holds on node name."""
+        node_rank = job.node_list.index(name)
+        return job.procs_on(node_rank) * job.cpus_per_proc, job.mem_mb, job.gpus_on(node_rank)
+
     def allocate(self, job, name):
+        cpus, mem, gpus = self.held_on(job, name)
         node = self.nodes.get(name)
         if node is None:                  # a running job on a node the database forgot
-            node = self.nodes.add(Node(name, placement.cpus_per_node(job), job.mem_mb))
-        node.alloc_cpus += placement.cpus_per_node(job)
-        node.alloc_mem_mb += job.mem_mb
+            node = self.nodes.add(Node(name, cpus, mem, gpus=max(gpus, default=-1) + 1))
+        node.alloc_cpus += cpus
+        node.alloc_mem_mb += mem
+        node.gpus_held.update(gpus)
         node.jobs.add(job.id)
 
     def release(self, job, name):
+        cpus, mem, gpus = self.held_on(job, name)
         node = self.nodes[name]
-        node.alloc_cpus -= placement.cpus_per_node(job)
-        node.alloc_mem_mb -= job.mem_mb
+        node.alloc_cpus -= cpus
+        node.alloc_mem_mb -= mem
+        node.gpus_held.difference_update(gpus)
         node.jobs.discard(job.id)
         self.triggers.add(f"resources freed on {name}")
+
+    def holdings(self, now):
+        """[(expected end, [(node, cpus, mem_mb, gpus)])] of the running jobs, ends judged by
+        their time limits (default_time_limit for one with none): what placement plans with.
+        One past its limit is taken to end now (it is being stopped)."""
+        out = []
+        for node in self.nodes.values():
+            if not node.ready:
+                continue
+            for job_id in node.jobs:
+                job = self.jobs.get(job_id)
+                if job is None or job.start_time is None:
+                    continue
+                end = max(now, job.start_time + placement.expected_seconds(job, self.cfg.default_time_limit))
+                cpus, mem, gpus = self.held_on(job, node.name)
+                out.append((end, [(node.name, cpus, mem, len(gpus))]))
+        return out
 
     # ---- placement and launch ----
 
@@ -140,9 +172,14 @@ class JobQueue:
         if not self.pending:
             return
         candidates = self.ready_to_place()
-        placements, waiting = placement.place(candidates, self.nodes.free())
+        now = self.wall()
+        plan = placement.place(candidates, self.nodes.free(), self.holdings(now) if self.backfill else (),
+                               now, self.cfg.scheduler, self.cfg.default_time_limit)
+        placements, waiting = plan.placements, plan.waiting
+        self.plan_ahead = None            # estimates are made again when next asked for
+        self.last_ready = candidates
         started = set()
-        for job, names in placements:
+        for job, layout in placements:
             if job.is_array:              # a template: its next element starts
                 template, job = job, self.split_next(job)
                 if job is None:
@@ -151,7 +188,7 @@ class JobQueue:
                     template.reason = PendingReason.ARRAY_LIMIT
             else:
                 started.add(job.id)
-            self.start_job(job, names)
+            self.start_job(job, layout)
         if started:
             self.pending = [i for i in self.pending if i not in started]
         for job_id, reason in waiting.items():
@@ -159,6 +196,24 @@ class JobQueue:
             if not (reason == PendingReason.PRIORITY and job.reason == PendingReason.REQUEUED):
                 job.reason = reason       # shown by cminfo; not worth a database write
         log.debug("placement pass (%s): %d started, %d waiting", why, len(placements), len(self.pending))
+
+    def expected_starts(self):
+        """{job id: (expected start, layout)} of pending jobs, as placement plans them from
+        the last pass's candidates (placement.estimate_starts); made once per pass, when asked."""
+        if self.plan_ahead is None:
+            now = self.wall()
+            ready = []
+            for job in self.last_ready:
+                if job.state != JobState.PENDING or self.jobs.get(job.id) is not job:
+                    continue
+                if job.is_array:
+                    job.repeat = arrays.unsplit_count(job.array_state)
+                    if not job.repeat:
+                        continue
+                ready.append(job)
+            self.plan_ahead = placement.estimate_starts(ready, self.nodes.free(), self.holdings(now), now,
+                                                        self.cfg.default_time_limit, PLAN_DEPTH)
+        return self.plan_ahead
 
     def ready_to_place(self):
         """The pending jobs placement may start: not held, their dependencies met (each other
@@ -464,8 +519,13 @@ class JobQueue:
             del self.dependents[dep_id]
         self.triggers.add(f"job {dep_id} {state}")
 
-    def start_job(self, job, names):
-        job.node_list = names
+    def start_job(self, job, layout):
+        job.node_list = [name for name, _ in layout]
+        job.task_layout = [procs for _, procs in layout] if job.task_count else []
+        job.gpu_list = []
+        if job.gpus_per_node or job.gpus_per_proc:
+            job.gpu_list = [lifecycle.gpu_text(self.nodes[name].free_gpus(placement.gpus_for(job, procs)))
+                            for name, procs in layout]
         # PENDING -> RUNNING: resources taken now; the tasks start once this is recorded,
         # so that a head restarting in between never runs the job twice.
         changed = lifecycle.transition(job, JobState.RUNNING, self.wall())
@@ -475,7 +535,7 @@ class JobQueue:
             template.start_time = job.start_time          # an array starts with its first element
             self.write_job(template, ("start_time",))
         job.launched = False
-        for name in names:
+        for name in job.node_list:
             self.allocate(job, name)
         attempt = job.attempt
         self.write_job(job, changed, then=lambda error, _: self.launch(job, attempt, error))
@@ -508,10 +568,11 @@ class JobQueue:
                      "min": template.tasks[0], "max": template.tasks[-1]}
         self.out.send(job.node_list[node_rank], messages.Launch(array=array,
             job=job.id, attempt=job.attempt, name=job.name, ranks=ranks, node_rank=node_rank,
-            nnodes=job.nodes, ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv, workdir=job.workdir,
-            env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit,
-            may_requeue=job.retries > 0, cpus=placement.cpus_per_node(job), mem_mb=job.mem_mb,
-            script=job.script))
+            nnodes=len(job.node_list), ntasks=job.ntasks, nodelist=job.node_list, argv=job.argv,
+            workdir=job.workdir, env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit,
+            may_requeue=job.retries > 0, cpus=job.procs_on(node_rank) * job.cpus_per_proc, mem_mb=job.mem_mb,
+            script=job.script, first_rank=job.first_rank_on(node_rank), gpus=job.gpus_on(node_rank),
+            gpus_per_proc=job.gpus_per_proc or None))
 
     def reconcile(self, node, running):
         """A node registered (again) saying what it runs. A task the head expects and the

@@ -26,8 +26,9 @@ def restore(core, state):
                      "down": drain.get("down") is True}
         else:
             drain = None
+        gpus = d.get("gpus") if isinstance(d.get("gpus"), int) and d.get("gpus") >= 0 else 0
         node = core.nodes.add(Node(d["name"], d["cpus"], d["mem_mb"], d["state"], d.get("reason", ""),
-                                   d.get("state_since"), drain))
+                                   d.get("state_since"), drain, gpus, str(d.get("gpu_model") or "")))
         if node.state == NodeState.UP:
             node.last_seen = now
             core.nodes.set_timer(now + core.cfg.node_timeout, LIVENESS, node.name)
