@@ -47,7 +47,7 @@ DB_IMAGE     = $(if $(filter mongo,$(DB_KIND)),$(MONGO_IMAGE),cm-ferretdb:latest
 # mongo checks credentials; FerretDB does not, so the head reaches it on a socket only root may use.
 DB_URL       = $(if $(filter mongo,$(DB_KIND)),mongodb://cm@db:27017/cm?authSource=admin,mongodb://%2Frun%2Fcm-db%2Fdb.sock/cm)
 
-.PHONY: all up images keys node-keys host-tools exec-head down clean logs test unit deps ferretdb helper local local-down bench help
+.PHONY: all up images keys node-keys host-tools exec-head down clean logs test unit deps ferretdb helper local local-down bench replay help
 
 all: up ## Start the container cluster (NODES compute nodes, default 3) and show it
 
@@ -140,6 +140,14 @@ bench: deps ferretdb $(TASK_HELPER) ## cm against Slurm on this machine (QUICK=1
 	@$(if $(CM_ONLY),,dpkg -s slurm-wlm munge >/dev/null 2>&1 || { echo "installing slurm-wlm munge"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; })
 	$(PYTHON) bench/run.py $(if $(QUICK),--quick) $(if $(CM_ONLY),--cm-only)
+
+# A window of an SWF log replayed with fifo and with backfill (bench/replay.py --help for more).
+TRACE       ?= $(CURDIR)/../shared/traces/KTH-SP2-1996-2.1-cln.swf.gz
+REPLAY_ARGS ?= --first 0 --count 500 --compression 1000
+
+replay: deps ferretdb $(TASK_HELPER) ## Replay a real workload (TRACE=log.swf.gz REPLAY_ARGS=...) with fifo and backfill
+	$(PYTHON) bench/replay.py --trace $(TRACE) $(REPLAY_ARGS)
+	$(PYTHON) bench/passes.py
 
 local: deps ferretdb helper ## A cluster of local processes instead of containers (cmcluster)
 	@$(PYTHON) cm/bin/cmcluster status --dir $(CLUSTER_DIR) >/dev/null 2>&1 \

@@ -144,4 +144,15 @@ def test_gpus_set_by_count_where_no_tool_finds_them(request):
     job_id = c.submit("--wait", "--gpus-per-node", "2", "sh", "-c", "echo $CUDA_VISIBLE_DEVICES $CUDA_DEVICE_ORDER")
     assert outputs(c.dir, job_id) == {0: "0,1 PCI_BUS_ID"}
     assert c.job(job_id)["gpu_list"] == [[0, 1]] and c.job(job_id)["gpus"] == 2
+    # Held devices stay held across a head restart: a new head gives the next job the third.
+    holder = c.submit("--gpus-per-node", "2", "sleep", "60")
+    assert c.wait_state(holder, "RUNNING")["gpu_list"] == [[0, 1]]
+    c.ok("cmcluster", "restart", "head", "--dir", c.dir)
+    wait_until(lambda: c.info("--nodes")["nodes"][0]["alloc_gpus"] == 2, what="the holder's GPUs after the restart")
+    wide = c.submit("--gpus-per-node", "2", "true")
+    one = c.submit("--wait", "--gpus-per-node", "1", "sh", "-c", "echo $CUDA_VISIBLE_DEVICES")
+    assert outputs(c.dir, one) == {0: "2"}
+    assert c.job(wide)["state"] == "PENDING"
+    c.ok("cmkill", str(holder))
+    assert c.wait_state(wide, "COMPLETED")["gpu_list"] == [[0, 1]]
 

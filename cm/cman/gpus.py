@@ -40,7 +40,7 @@ def parse_smi(text):
                 log.warning("nvidia-smi: left out a line that is not index, uuid, name, memory: %.200r", line)
             continue
         memory = parts[-1].split()[0] if parts[-1] else "0"
-        found.append(Gpu(int(parts[0]), parts[1], ",".join(parts[2:-1]), int(memory) if memory.isdigit() else 0))
+        found.append(Gpu(int(parts[0]), parts[1], ", ".join(parts[2:-1]), int(memory) if memory.isdigit() else 0))
     return sorted(found, key=lambda g: g.index)
 
 
