@@ -9,7 +9,7 @@ pending job (what cminfo --start asks for, once per pass at most).
 No database and no sockets: what the core would write is accepted at once, what it
 would send is dropped; the figures are the pass alone.
 
-    /usr/bin/python3 bench/passes.py [--passes 30] [--json]
+    /usr/bin/python3 bench/passes.py [--passes 30] [--json] [--out FILE]
 """
 import argparse
 import json
@@ -143,15 +143,20 @@ def measure(policy, passes):
     return {"policy": policy, "nodes": NODES, "cpus_per_node": CPUS, "pending": PENDING, "passes": passes,
             "pass_ms_median": round(statistics.median(pass_ms), 2), "pass_ms_max": round(max(pass_ms), 2),
             "plan_ms_median": round(statistics.median(plan_ms), 2), "plan_ms_max": round(max(plan_ms), 2),
-            "started_per_pass_mean": round(statistics.mean(started), 2)}
+            "started_per_pass_mean": round(statistics.mean(started), 2), "pass_ms": pass_ms, "plan_ms": plan_ms}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--passes", type=int, default=30)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--out", help="also write them to this file (default bench/results/passes-<time>.json)")
     args = p.parse_args()
     results = [measure(policy, args.passes) for policy in ("backfill", "fifo")]
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   time.strftime("passes-%Y%m%d-%H%M%S.json"))
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
     if args.json:
         print(json.dumps(results, indent=1))
     else:

@@ -368,6 +368,18 @@ def scale(node_counts, jobs, seconds, report):
             cm.stop()
 
 
+def scheduling_passes(passes, report):
+    """cm only: the head's core, in this process, placing after a job's end with 1,000 jobs
+    pending on 100 nodes of 16 CPUs (bench/passes.py), for each scheduler setting."""
+    import passes as bench_passes
+    for policy in ("backfill", "fifo"):
+        samples = bench_passes.measure(policy, passes)
+        report(f"scheduling pass, {policy}, 1000 pending on 100 nodes", "ms", "lower",
+               {"cm": samples["pass_ms"]}, "cm < 50 ms" if policy == "backfill" else None)
+        report(f"expected starts of 1000 pending on 100 nodes ({policy})", "ms", "lower",
+               {"cm": samples["plan_ms"]}, None)
+
+
 def history_costs(sizes, slurm_factory, report):
     """cm only, but for Slurm's scancel of 1,000: what submitting, running, cancelling and a
     head restart cost with 0, 5,000 and 20,000 ended jobs in the history (2 nodes x 50 CPUs)."""
@@ -508,9 +520,9 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer runs and jobs: a few minutes")
     p.add_argument("--cm-only", action="store_true", help="measure cm alone, without Slurm")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="where the JSON goes")
-    p.add_argument("--only", choices=("array", "history", "memory", "scale"),
+    p.add_argument("--only", choices=("array", "history", "memory", "scale", "passes"),
                    help="only this scenario: array (one of 1,000 elements), history (costs as the history grows), "
-                        "memory (after many jobs), scale (simulated nodes)")
+                        "memory (after many jobs), scale (simulated nodes), passes (a scheduling pass)")
     args = p.parse_args()
     if args.only:
         report = Report()
@@ -520,6 +532,8 @@ def main():
             history_costs((0, 5000, 20000), None if args.cm_only or not slurm_available() else SlurmSide, report)
         elif args.only == "scale":
             scale((100, 1000), 300, 5, report)
+        elif args.only == "passes":
+            scheduling_passes(30, report)
         else:
             memory_after_many(5000 if args.quick else 20000, report)
         print()
@@ -593,6 +607,8 @@ def main():
     memory_after_many(5000 if quick else 20000, report)
     print("scenario 7: scale (cm only)")
     scale((100, 500, 1000) if not quick else (100, 1000), 1000 if not quick else 300, 10 if not quick else 5, report)
+    print("scenario 12: a scheduling pass with 1,000 pending on 100 nodes (cm only)")
+    scheduling_passes(10 if quick else 30, report)
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"{stamp}{'-quick' if quick else ''}.json")

@@ -96,7 +96,7 @@ def _text(value):
 
 def model_of(gpus):
     """What a node's GPUs are, in a few words: 'NVIDIA H200', '2 x A, 1 x B'."""
-    names = [g.name or "GPU" for g in gpus]
+    names = ["".join(c for c in g.name if " " <= c <= "~") or "GPU" for g in gpus]   # printable ASCII only
     kinds = sorted(set(names))
     if len(kinds) <= 1:
         return kinds[0] if kinds else ""

@@ -97,7 +97,10 @@ class Job:
         return self.nodes
 
     def procs_on(self, node_rank):
-        return self.task_layout[node_rank] if self.task_layout else self.procs_per_node
+        if not self.task_layout:
+            return self.procs_per_node
+        # A record whose layout does not match its node list (damaged) gives those nodes nothing.
+        return self.task_layout[node_rank] if node_rank < len(self.task_layout) else 0
 
     def first_rank_on(self, node_rank):
         if self.task_layout:
@@ -109,7 +112,7 @@ class Job:
         return list(range(first, first + self.procs_on(node_rank)))
 
     def gpus_on(self, node_rank):
-        return gpu_indices(self.gpu_list[node_rank]) if self.gpu_list else []
+        return gpu_indices(self.gpu_list[node_rank]) if node_rank < len(self.gpu_list) else []
 
     def layout(self):
         """[(node name, processes)] in node-rank order: what it holds while it runs."""

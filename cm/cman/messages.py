@@ -227,7 +227,7 @@ class Register(Message):
     OP = Op.REGISTER
     FIELDS = {"name": NODE_NAME, "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),
               "running": List(TASK_KEY), "ended": List(TASK_END), "containment": Str(64),
-              "gpus": Int(0, 1024), "gpu_model": Str(256, empty=True)}
+              "gpus": Int(0, 1024), "gpu_model": Str(256, r"[ -~]*", empty=True)}   # printable: cminfo shows it
     OPTIONAL = ("gpus", "gpu_model")
 
 
