@@ -54,6 +54,9 @@ class Writer:
     def delete_node(self, name, done=None):
         pass
 
+    def append(self, kind, doc):
+        pass
+
     def barrier(self, done):
         done(None, None)
 

@@ -28,6 +28,7 @@ class FakeWriter:
         self.nodes = {n["name"]: dict(n) for n in state["nodes"]}
         self.next_job_id = state["next_job_id"]
         self.ops = []
+        self.appended = []
 
     def _op(self, method, *args, done=None):
         self.ops.append((method, args, done))
@@ -46,6 +47,9 @@ class FakeWriter:
 
     def delete_node(self, name, done=None):
         self._op("delete_node", name, done=done)
+
+    def append(self, kind, doc):
+        self.appended.append((kind, doc))       # durable at once: appends have no callback
 
     def barrier(self, done):
         self._op("barrier", done=done)
@@ -188,7 +192,8 @@ def test_heartbeats_keep_a_node_up_and_silence_marks_it_down_at_the_time_out():
     clock.now += 0.2
     core.tick(clock.now)
     assert core.nodes["node1"].state == NodeState.DOWN
-    assert core.next_deadline() == pytest.approx(clock.now + CFG.node_forget_after)
+    assert core.nodes.next_deadline() == pytest.approx(clock.now + CFG.node_forget_after)
+    assert core.next_deadline() <= clock.now + CFG.metrics_interval      # the next metrics sample
 
 
 def test_a_retried_submit_under_the_same_request_id_makes_one_job():

@@ -58,3 +58,24 @@ def test_each_task_is_told_exactly_its_devices():
     assert gpus.visible_devices(launch(), 0, 4) == {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
                                                     "CM_GPUS": ""}
     assert gpus.visible_devices(launch(), 0, 0) == {}            # a node without GPUs sets nothing
+
+
+def test_odd_digits_and_repeated_indices_in_nvidia_smi_output_are_left_out():
+    found = gpus.parse_smi("\u00b2, GPU-a, X, 1\n0, GPU-b, Y, 2\n0, GPU-c, Z, 3\n")
+    assert [(g.index, g.uuid) for g in found] == [(0, "GPU-b")]
+    assert gpus.parse_usage("0, \u00b2, 5\n") == {}
+
+
+def test_the_head_hands_out_the_indices_a_node_reports_and_no_other():
+    from test_core import ALICE, messages as core_messages, new_core, submit
+    core, out, writer, clock = new_core()
+    core.on_compute("node1", core_messages.Register(name="node1", cpus=4, mem_mb=1024, running=[], ended=[],
+                                                    containment="process groups", gpus=2, gpu_model="X",
+                                                    gpu_indices=[0, 2]))      # GPU 1 is gone
+    submit(core, ALICE, gpus_per_node=2)
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    (launch,) = [msg for _, msg in out.sent_ops("launch")]
+    assert launch.gpus == [0, 2]
+    assert core.nodes["node1"].view()["alloc_gpus"] == 2

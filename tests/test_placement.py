@@ -116,12 +116,23 @@ def test_a_long_job_may_not_take_what_the_reservation_needs():
     assert started(plan) == [(2, ["n1"])]
 
 
-def test_a_job_without_a_limit_counts_as_default_time_limit():
+def test_a_job_without_a_limit_is_backfilled_only_onto_what_the_reservation_leaves_spare():
+    # Nothing stops a job without a limit: however short default_time_limit says it is, it
+    # could run past the reservation. On n1 it would; on n2 (no part of it) it may start.
     pending = [job(1, procs=4), job(2, procs=2)]
     busy = [running(100, ("n1", 2))]
-    assert place(pending, {"n1": (2, 0)}, busy, now=0, default_limit=50).placements != []
-    assert place(pending, {"n1": (2, 0)}, busy, now=0, default_limit=150).placements == []
-    assert place(pending, {"n1": (2, 0)}, busy, now=0, default_limit=0).placements == []   # 0: forever
+    assert place(pending, {"n1": (2, 0)}, busy, now=0, default_limit=50).placements == []
+    plan = place(pending, {"n1": (2, 0), "n2": (2, 0)}, busy, now=0, default_limit=50)
+    assert plan.reservation == (1, 100, [("n1", 4)]) and started(plan) == [(2, ["n2"])]
+
+
+def test_a_reservation_behind_thousands_of_running_jobs_is_when_enough_of_them_end():
+    # 100 nodes of 64 CPUs, 6,400 one-CPU jobs each ending at its own time, a --ntasks job
+    # of every CPU first in line (bench/passes.py times such passes).
+    free = {f"n{i}": (0, 0) for i in range(100)}
+    busy = [running(1000 + k, (f"n{k % 100}", 1)) for k in range(6400)]
+    plan = place([job(1, ntasks=6400), job(2, limit=10)], free, busy, now=0)
+    assert plan.reservation[1] == 1000 + 6399 and plan.placements == []
 
 
 def test_a_job_too_large_for_the_nodes_up_reserves_nothing():
@@ -141,6 +152,13 @@ def test_expected_starts_follow_the_running_jobs_limits():
     assert plan[1] == (200, [("n1", 4)])
     assert plan[2] == (500, [("n1", 2)])
     assert 3 not in plan                  # 2 nodes on a cluster of one: no estimate
+
+
+def test_a_job_too_large_for_the_nodes_up_does_not_push_back_the_estimates_behind_it():
+    free = {"n1": (0, 0), "n2": (1, 0)}
+    busy = [running(5000, ("n1", 1))]
+    plan = estimate_starts([job(1, nodes=3), job(2)], free, busy, now=0)
+    assert 1 not in plan and plan[2] == (0, [("n2", 1)])
 
 
 def test_the_first_waiting_jobs_estimate_is_its_reservation():

@@ -78,7 +78,7 @@ class Compute:
         self.recent_ends = collections.OrderedDict()   # tasks ended here lately: a repeated launch
                                                        # of one (resent by the head) runs nothing
         self.resend_ends_at = None        # when the unacknowledged ends are sent again
-        self.usage = Usage()
+        self.usage = Usage(cfg.work_filesystem)
         self.state_file = StateFile(cfg.state_dir, name)
         self.state_path = os.path.join(cfg.state_dir, f"{name}.state.*")   # as messages name it
         self.boot_id = boot_id()
@@ -346,7 +346,8 @@ class Compute:
         ended = next(iter(in_chunks(list(self.unacked.values()), ENDS_BYTES)), [])
         self.send(messages.Register(name=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
                                     running=running, ended=ended, containment=self.containment.name,
-                                    gpus=len(self.gpus), gpu_model=gpus.model_of(self.gpus)[:256]))
+                                    gpus=len(self.gpus), gpu_model=gpus.model_of(self.gpus)[:256],
+                                    gpu_indices=[g.index for g in self.gpus]))
 
     def on_register_again(self, msg):
         if self.welcomed:                 # else a Register is on its way already

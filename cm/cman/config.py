@@ -134,6 +134,8 @@ SCHEMA = {
     "scheduler": (_scheduler, "fifo or backfill"),
     "default_time_limit": (units.parse_time_limit, units.TIME_FORMS + " (0: unlimited)"),
     "gpus": (_gpus, "auto or a whole number of GPUs from 0 to 1024"),
+    "metrics_interval": SECONDS,
+    "work_filesystem": (_optional_path, "an absolute path, or nothing"),
     "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
     "max_active_jobs_per_user": (_count(0), "a whole number >= 0 (0: no limit)"),
     "max_connections_per_user": (_count(1), "a whole number >= 1"),

@@ -9,6 +9,7 @@ so that CUDA numbers the devices as nvidia-smi does; a task of a job that
 holds none on a node that has some gets an empty CUDA_VISIBLE_DEVICES.
 """
 import logging
+import re
 import shutil
 import subprocess
 
@@ -32,16 +33,24 @@ class Gpu:
 def parse_smi(text):
     """nvidia-smi's CSV of index, uuid, name, memory.total (MiB) -> [Gpu], in index order.
     A line that is not of that shape is left out (and logged)."""
-    found = []
+    found = {}
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 4 or not parts[0].isdigit():
+        memory = MIB.fullmatch(parts[-1]) if parts else None
+        if len(parts) < 4 or not INDEX.fullmatch(parts[0]) or int(parts[0]) > 1023:
             if line.strip():
                 log.warning("nvidia-smi: left out a line that is not index, uuid, name, memory: %.200r", line)
             continue
-        memory = parts[-1].split()[0] if parts[-1] else "0"
-        found.append(Gpu(int(parts[0]), parts[1], ", ".join(parts[2:-1]), int(memory) if memory.isdigit() else 0))
-    return sorted(found, key=lambda g: g.index)
+        index = int(parts[0])
+        if index in found:
+            log.warning("nvidia-smi: left out a second GPU of index %d", index)
+            continue
+        found[index] = Gpu(index, parts[1], ", ".join(parts[2:-1]), int(memory.group(1)) if memory else 0)
+    return [found[i] for i in sorted(found)]
+
+
+INDEX = re.compile(r"[0-9]{1,4}")
+MIB = re.compile(r"([0-9]{1,9})(?: MiB)?")
 
 
 def run_smi(args, timeout=SMI_TIMEOUT):
@@ -75,12 +84,19 @@ def detect(count=None):
     nvml = _nvml()
     found, source = [], "none"
     if nvml is not None:
-        for i in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            name, uuid = nvml.nvmlDeviceGetName(handle), nvml.nvmlDeviceGetUUID(handle)
-            found.append(Gpu(i, _text(uuid), _text(name), nvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20))
-        source = "NVML"
-    else:
+        try:
+            for i in range(nvml.nvmlDeviceGetCount()):
+                try:
+                    handle = nvml.nvmlDeviceGetHandleByIndex(i)
+                    name, uuid = nvml.nvmlDeviceGetName(handle), nvml.nvmlDeviceGetUUID(handle)
+                    found.append(Gpu(i, _text(uuid), _text(name), nvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20))
+                except Exception as e:        # one faulty device: the others still count
+                    log.warning("NVML: GPU %d left out: %s", i, e)
+            source = "NVML"
+        except Exception as e:
+            log.warning("NVML: %s; asking nvidia-smi", e)
+            nvml = None
+    if nvml is None:
         text = run_smi(QUERY)
         if text is not None:
             found, source = parse_smi(text), "nvidia-smi"
@@ -142,7 +158,7 @@ def parse_usage(text):
     utils, used = [], 0
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3 and all(p.isdigit() for p in parts):
+        if len(parts) == 3 and all(re.fullmatch(r"[0-9]{1,9}", p) for p in parts):
             utils.append(min(100, int(parts[1])))
             used += int(parts[2])
     return {"gpu_util": float(sum(utils) / len(utils)), "gpu_mem_used_mb": used} if utils else {}

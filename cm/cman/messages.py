@@ -227,8 +227,9 @@ class Register(Message):
     OP = Op.REGISTER
     FIELDS = {"name": NODE_NAME, "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),
               "running": List(TASK_KEY), "ended": List(TASK_END), "containment": Str(64),
-              "gpus": Int(0, 1024), "gpu_model": Str(256, r"[ -~]*", empty=True)}   # printable: cminfo shows it
-    OPTIONAL = ("gpus", "gpu_model")
+              "gpus": Int(0, 1024), "gpu_model": Str(256, r"[ -~]*", empty=True),   # printable: cminfo shows it
+              "gpu_indices": List(Int(0, 1023), max_len=1024)}     # their indices, as nvidia-smi numbers them
+    OPTIONAL = ("gpus", "gpu_model", "gpu_indices")
 
 
 class Heartbeat(Message):
@@ -237,8 +238,9 @@ class Heartbeat(Message):
     OP = Op.HEARTBEAT
     FIELDS = {"load": Float(0, 1e6), "cpu_percent": Float(0, 1e6), "mem_used_mb": Int(0, 2**40),
               "running": List(JOB_ATTEMPT, max_len=100000),
-              "gpu_util": Float(0, 100), "gpu_mem_used_mb": Int(0, 2**40)}     # means over its GPUs, where known
-    OPTIONAL = ("gpu_util", "gpu_mem_used_mb")
+              "gpu_util": Float(0, 100), "gpu_mem_used_mb": Int(0, 2**40),    # means over its GPUs, where known
+              "disk_free_mb": Int(0, 2**50)}      # free space of the jobs' working directories' filesystem
+    OPTIONAL = ("gpu_util", "gpu_mem_used_mb", "disk_free_mb")
 
 
 class TaskEnded(Message):
@@ -410,6 +412,19 @@ class JobEnded(Reply):
     FIELDS = ("job",)
 
 
+class EventsReply(Reply):
+    FIELDS = ("events",)
+
+
+class HistoryReply(Reply):
+    """samples: oldest first; resolution: "full" or "5m"."""
+    FIELDS = ("samples", "resolution")
+
+
+class StatsReply(Reply):
+    FIELDS = ("stats",)
+
+
 class NodesChanged(Reply):
     """cmnode: each node asked for, as it is now: {"name", "status", "drain"}."""
     FIELDS = ("nodes",)
@@ -430,7 +445,33 @@ class Invalid(Reply):
 
 COMPUTE_TO_HEAD = {m.OP: m for m in (Register, Heartbeat, TaskEnded)}
 HEAD_TO_COMPUTE = {m.OP: m for m in (Welcome, HeartbeatAck, RegisterAgain, Launch, Kill, EndedAck)}
-CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait, Hold, Release, Drain, Resume, NodeDown)}
+class Events(Message):
+    """CLI -> head: what happened (cminfo --events), newest first: since/until (epoch
+    seconds), only a node's or a job's, only some kinds, at most limit."""
+    OP = Op.EVENTS
+    FIELDS = {"since": Float(0, 1e11), "until": Float(0, 1e11), "node": NODE_NAME, "job": JOB_REF,
+              "kinds": List(Str(32, r"[a-z_]+"), max_len=32), "limit": Int(1, 10000)}
+    OPTIONAL = tuple(FIELDS)
+
+
+class History(Message):
+    """CLI -> head: metrics samples from since to until, at full resolution ("full"), as
+    5-minute means ("5m"), or whichever fits the range ("auto"); with the cluster's totals,
+    one node's rows too (node), or every node's state alone (detail "status": a heatmap)."""
+    OP = Op.HISTORY
+    FIELDS = {"since": Float(0, 1e11), "until": Float(0, 1e11), "resolution": OneOf("auto", "full", "5m"),
+              "node": NODE_NAME, "detail": OneOf("cluster", "status", "nodes")}
+    OPTIONAL = ("until", "resolution", "node", "detail")
+
+
+class Stats(Message):
+    """CLI -> head: the head's own figures (Prometheus): submit -> start latencies, passes, backlog."""
+    OP = Op.STATS
+    FIELDS = {}
+
+
+CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait, Hold, Release, Drain, Resume, NodeDown, Events,
+                                 History, Stats)}
 
 
 def launch_bytes(argv, env, workdir, nodes, script=""):

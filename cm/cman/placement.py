@@ -20,11 +20,15 @@ Policy (the scheduler setting):
             none); a later job starts now if it fits now and either ends,
             by its limit, before that time, or uses only resources the
             reservation leaves spare. So the first job is never delayed by
-            those behind it, and no job is starved.
+            those behind it, and no job is starved. A job without a time
+            limit is never stopped, so it is backfilled only onto what the
+            reservation leaves spare (however short default_time_limit says
+            it is); once running, it counts as default_time_limit long.
 """
 import heapq
 import math
 import re
+import time
 
 from . import units
 from .units import plural
@@ -191,7 +195,7 @@ def place(pending, free, running=(), now=0.0, policy=BACKFILL, default_limit=360
             if blocked is None:
                 layout = fit(job, free)
             else:                         # backfill: only where it does not delay the reservation
-                late = end > blocked
+                late = end > blocked or not job.time_limit     # nothing stops one without a limit
                 key = (shape(job), late)
                 layout = None if key in failed else fit(job, _tighter(free, spare) if late else free)
                 if layout is None:
@@ -220,14 +224,28 @@ def _tighter(free, spare):
             for name, have in free.items() if name in spare}
 
 
+def total_need(job):
+    """CPUs a job needs in all: fewer free anywhere, and it cannot fit."""
+    if flexible(job):
+        return job.task_count * job.cpus_per_proc
+    return job.nodes * job.procs_per_node * job.cpus_per_proc
+
+
 def reserve(job, free, running, now):
     """The earliest time job fits, as running jobs end by their limits: (time, what is
     spare then once it has its nodes, (job id, time, layout)). A job that cannot fit on
-    these nodes even once all have ended reserves nothing (time NEVER, all spare)."""
+    these nodes even once all have ended reserves nothing (time NEVER, all spare).
+    Ends at one time are given back together, and placement is tried only once enough
+    CPUs are free in all: a pass stays short however many jobs run."""
     later = normal_free(free)
+    need, have = total_need(job), sum(h[0] for h in later.values())
     ends = sorted(((end, i) for i, (end, _) in enumerate(running)))
-    for end, i in ends:
-        give(later, running[i][1])
+    for k, (end, i) in enumerate(ends):
+        held = running[i][1]
+        give(later, held)
+        have += sum(cpus for name, cpus, _, _ in held if name in later)
+        if have < need or (k + 1 < len(ends) and ends[k + 1][0] == end):
+            continue                      # not enough yet, or more end at this same time
         layout = fit(job, later)
         if layout is not None:
             take(later, amounts(job, layout))
@@ -237,33 +255,50 @@ def reserve(job, free, running, now):
 
 # ---- the plan ahead, for cminfo ----
 
-def estimate_starts(pending, free, running, now, default_limit=3600, depth=1000):
+def estimate_starts(pending, free, running, now, default_limit=3600, depth=1000, budget=0.5):
     """When each pending job should start, and where: {job id: (time, layout)}, for jobs
     that can start on the nodes there are now (the rest are left out). The time is that
     of a simulation in which running and planned jobs end at their limits and jobs start
     in submission order: the first waiting job's is its backfill reservation; a later
-    job's is the latest it should start, as backfill may start it sooner. At most depth
-    jobs (an array's elements each count) are planned."""
+    job's is when it starts in that order (backfill may start it sooner, and a job
+    backfilled onto the first one's spare resources may make it later). At most depth
+    jobs (an array's elements each count) are planned, for at most budget seconds."""
     free = normal_free(free)
+    whole = normal_free(free)             # every node as if all had ended: what could ever fit
+    for _, held in running:
+        give(whole, held)
     ends = [(end, i, held) for i, (end, held) in enumerate(running)]
     heapq.heapify(ends)
     serial = len(ends)
+    have = sum(h[0] for h in free.values())
     order = [(job, getattr(job, "repeat", 1)) for job in pending]
     estimates, t, planned, i = {}, now, 0, 0
-    while i < len(order) and planned < depth:
+    deadline = time.perf_counter() + budget
+    never, possible = set(), set()        # shapes that cannot fit even on empty nodes, and that can
+    while i < len(order) and planned < depth and time.perf_counter() < deadline:
         job, count = order[i]
-        layout = fit(job, free)
+        key = shape(job)
+        if key not in possible:
+            if key in never or fit(job, whole) is None:
+                never.add(key)
+                i += 1                    # never, on these nodes: the next may still
+                continue
+            possible.add(key)
+        layout = fit(job, free) if have >= total_need(job) else None
         if layout is None:
             if not ends or ends[0][0] == NEVER:
-                i += 1                    # never, on these nodes: the next may still
+                i += 1
                 continue
             t = max(t, ends[0][0])
             while ends and ends[0][0] <= t:
-                give(free, heapq.heappop(ends)[2])
+                held = heapq.heappop(ends)[2]
+                give(free, held)
+                have += sum(cpus for name, cpus, _, _ in held if name in free)
             continue
         estimates.setdefault(job.id, (t, layout))
         held = amounts(job, layout)
         take(free, held)
+        have -= sum(cpus for _, cpus, _, _ in held)
         heapq.heappush(ends, (t + expected_seconds(job, default_limit), serial, held))
         serial += 1
         planned += 1

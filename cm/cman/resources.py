@@ -43,12 +43,20 @@ def memory_mb():
 class Usage:
     """Live usage for heartbeats. cpu_percent is measured since the previous call."""
 
-    def __init__(self):
+    def __init__(self, work_filesystem=None):
         psutil.cpu_percent(None)          # the first call only starts the measurement
+        self.work_filesystem = work_filesystem
 
     def sample(self):
-        return {
+        out = {
             "load": os.getloadavg()[0],
             "cpu_percent": psutil.cpu_percent(None),
             "mem_used_mb": psutil.virtual_memory().used // (1024 * 1024),
         }
+        if self.work_filesystem:
+            try:
+                fs = os.statvfs(self.work_filesystem)
+                out["disk_free_mb"] = fs.f_bavail * fs.f_frsize // (1024 * 1024)
+            except OSError:
+                pass                      # not there (yet): no figure rather than a wrong one
+        return out

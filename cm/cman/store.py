@@ -26,8 +26,14 @@ Journal records:
     {"s": seq, "t": "void", "id": N, "f": {}}        job N's insert failed (it may still have been
                                                      stored): it never runs
 Snapshot documents: {"t": "job", "id": N, "f": {fields}} and {"t": "meta", "next_job_id": N}.
+
+    events_<D>      what happened (head/events.py), appended, one collection per UTC day D
+    metrics_<D>     the cluster's samples every metrics_interval (head/metrics.py), per day;
+                    days older than METRICS_DAYS are dropped whole (no TTL index needed)
+    metrics5m_<D>   their 5-minute means, kept for METRICS5M_DAYS
 """
 import logging
+import time
 
 import mongoengine as me
 import pymongo
@@ -38,6 +44,9 @@ from .jobs import STORED_FIELDS
 log = logging.getLogger("cm.store")
 
 StoreError = pymongo.errors.PyMongoError
+# Appended kinds, and the UTC days of them kept (None: all).
+APPENDED = {"events": None, "metrics": 2, "metrics5m": 31}
+DAY = 86400
 HISTORY_BUCKET = 1000
 DUPLICATE_KEY = 11000
 # The layout before journals: every job, live or ended, in one collection.
@@ -138,7 +147,69 @@ def _insert_all(collection, docs):
             raise
 
 
-class Store:
+# ---- appended kinds: events and metrics, one collection per UTC day ----
+
+def day_of(t):
+    return time.strftime("%Y%m%d", time.gmtime(t))
+
+
+def days_between(since, until):
+    """The day collections' suffixes from since to until, newest first."""
+    out, t = [], until
+    while t >= since - DAY:
+        day = day_of(t)
+        if day_of(since) > day:
+            break
+        if not out or out[-1] != day:
+            out.append(day)
+        t -= DAY
+    return out
+
+
+class Appends:
+    """Reads and writes of the appended kinds, mixed into Store."""
+
+    def append_docs(self, kind, docs):
+        """Append documents of a kind (each with its _id and its time "t"); one already there
+        (a batch applied again) is left as it is."""
+        by_day = {}
+        for doc in docs:
+            by_day.setdefault(day_of(doc["t"]), []).append(doc)
+        for day, group in sorted(by_day.items()):
+            _insert_all(self.db[f"{kind}_{day}"], group)
+
+    def drop_old(self, kind, now):
+        """Drop the day collections of a kind older than it keeps."""
+        keep = APPENDED[kind]
+        if keep is None:
+            return []
+        oldest = day_of(now - (keep - 1) * DAY)
+        dropped = []
+        for name in self.db.list_collection_names():
+            prefix, _, day = name.rpartition("_")
+            if prefix == kind and day.isdigit() and len(day) == 8 and day < oldest:
+                self.db.drop_collection(name)
+                dropped.append(name)
+        return dropped
+
+    def find_appended(self, kind, since, until, query=None, limit=1000, newest_first=True):
+        """Documents of a kind with since <= t <= until that match query, at most limit,
+        newest first (or oldest first); reads the day collections of the range only."""
+        days = days_between(since, until)
+        if not newest_first:
+            days.reverse()
+        found = []
+        selector = {"t": {"$gte": since, "$lte": until}, **(query or {})}
+        for day in days:
+            docs = list(self.db[f"{kind}_{day}"].find(selector))
+            docs.sort(key=lambda d: d["_id"], reverse=newest_first)
+            found.extend(docs[:limit - len(found)])
+            if len(found) >= limit:
+                break
+        return found
+
+
+class Store(Appends):
     def __init__(self, url, timeout=2.0, op_timeout=60.0, password=None):
         """timeout: how soon an absent database is noticed (finding it, connecting);
         op_timeout: how long one operation (an insert of many jobs) may take;
@@ -318,3 +389,4 @@ class Store:
             found.extend(_job_fields(d) for d in docs[:limit - len(found)])
             bucket -= 1
         return found
+

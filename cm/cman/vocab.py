@@ -94,6 +94,9 @@ class Op:
     DRAIN = "drain"
     RESUME = "resume"
     NODE_DOWN = "node_down"
+    EVENTS = "events"
+    HISTORY = "history"
+    STATS = "stats"
 
 
 class Exit:

@@ -40,7 +40,7 @@ TRANSIENT = (pymongo.errors.AutoReconnect, pymongo.errors.ConnectionFailure,
              pymongo.errors.ExecutionTimeout, pymongo.errors.WTimeoutError)
 RETRY_FIRST, RETRY_MAX = 0.05, 2.0
 # Ops applied together: journal records in one insert, ended jobs in one more, node changes.
-BATCHED = frozenset({"update_job", "end_job", "void_job", "save_node", "delete_node", "barrier"})
+BATCHED = frozenset({"update_job", "end_job", "void_job", "save_node", "delete_node", "barrier", "append"})
 BATCH_MAX = 5000
 # The journal is compacted once it has this many records and twice as many as there are live jobs.
 COMPACT_MIN = 2000
@@ -146,6 +146,7 @@ class Writer(Worker):
         self.available = True                     # as last seen by the thread
         self.wakeup = Wakeup()                    # the loop polls wakeup.fd for finished work
         self.reader = Reader(store, self._post)
+        self.days_seen = {}                       # appended kind -> the UTC day its old ones were dropped
 
     def start(self):
         super().start()
@@ -181,9 +182,18 @@ class Writer(Worker):
     def delete_node(self, name, done=None):
         self._submit(Op("delete_node", (name,), done, retry=True))
 
+    def append(self, kind, doc):
+        """Append a document of an appended kind (an event, a metrics sample: store.APPENDED),
+        batched with the other writes; each UTC day's first drops the days no longer kept."""
+        self._submit(Op("append", (kind, private(doc)), None, retry=True))
+
     def barrier(self, done):
         """done(None, None) once every write queued before it is durable."""
         self._submit(Op("barrier", (), done, retry=True))
+
+    def backlog(self):
+        """Writes queued and not yet durable."""
+        return len(self.queue)
 
     def read(self, method, args, done):
         """A read of the history (store.find_history, store.recent_history): not behind the writes."""
@@ -269,7 +279,31 @@ class Writer(Worker):
                 error = self._each([op], lambda ops: self._node_write(ops[0]))
                 if error is not None:
                     return error
+        by_kind = {}
+        for op in batch:
+            if op.method == "append":
+                by_kind.setdefault(op.args[0], []).append(op)
+        for kind, ops in sorted(by_kind.items()):
+            error = self._each(ops, lambda ops: self.store.append_docs(kind, [op.args[1] for op in ops]))
+            if error is not None:
+                return error
+            self._drop_old_days(kind, ops[-1].args[1]["t"])
         return None
+
+    def _drop_old_days(self, kind, t):
+        """Once a UTC day, the collections of kind a day too old to keep go (whole: no TTL index)."""
+        from .store import day_of
+        day = day_of(t)
+        if self.days_seen.get(kind) == day:
+            return
+        self.days_seen[kind] = day
+        try:
+            dropped = self.store.drop_old(kind, t)
+        except Exception as e:            # noqa: BLE001 - tried again the next day, or after a restart
+            log.warning("could not drop old %s: %s", kind, e)
+            return
+        if dropped:
+            log.info("dropped %s, older than kept", ", ".join(dropped))
 
     def _each(self, ops, write):
         """write(ops); if the database refuses it for itself, write each op alone and keep

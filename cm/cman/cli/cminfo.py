@@ -6,12 +6,15 @@
     cminfo -j 12           an array: its elements not started (12_[5-999]) and the others
     cminfo -j 12_7         one element of array 12
     cminfo --start         the pending jobs, each with when it should start and where (squeue --start)
+    cminfo --events        what happened, newest first: nodes up and down, jobs started, ended ...
+    cminfo --events --since 2h --node node1 -j 7 --limit 20 --json
 
 A pending job's START is when the head's plan expects it to start: its running jobs
 ending at their time limits (default_time_limit for those without), the waiting ones
-starting in queue order. The first waiting job's is its backfill reservation; a later
-one may start sooner, by backfill, but not later, unless jobs run past their limits
-or nodes go away. A held job, one waiting for a dependency, or one too large for the
+starting in queue order. The first waiting job's is its backfill reservation, which
+nothing behind it delays; a later one's is when it starts in that order: backfill may
+start it sooner, and jobs backfilled beside the first one's reservation, jobs that run
+past default_time_limit, or nodes that go away may make it later. A held job, one waiting for a dependency, or one too large for the
 nodes up now has none (N/A).
 """
 import time
@@ -30,13 +33,67 @@ def parser():
     p.add_argument("--jobs", action="store_true", help="only the jobs")
     p.add_argument("--all", action="store_true", help="the latest ended jobs too")
     p.add_argument("--limit", type=whole_number(1, 10000), default=100,
-                   help="with --all: how many ended jobs, newest first (default: %(default)s)")
+                   help="with --all: how many ended jobs, newest first; with --events: how many events "
+                        "(default: %(default)s)")
     p.add_argument("-j", "--job", action="append", default=[], metavar="JOBID",
                    help="only these jobs (repeat, or separate with commas)")
     p.add_argument("--start", action="store_true",
                    help="only the pending jobs, with their expected start times and nodes (as squeue --start)")
+    p.add_argument("--events", action="store_true",
+                   help="what happened, newest first: nodes registered, up, down, drained; jobs submitted, started, "
+                        "ended, requeued, cancelled (with -j, --node, --since, --until, --limit)")
+    p.add_argument("--since", type=point_in_time, metavar="WHEN",
+                   help="with --events: from then on: 2026-12-01, 2026-12-01T08:00, now-2h, or 30m (ago) "
+                        "(default: the last 7 days)")
+    p.add_argument("--until", type=point_in_time, metavar="WHEN", help="with --events: until then (default: now)")
+    p.add_argument("--node", metavar="NODE", help="with --events: only this node's")
     p.add_argument("--json", action="store_true", help='one JSON document {"nodes": [...], "jobs": [...]}')
     return p
+
+
+def point_in_time(text):
+    """Epoch seconds of 2026-12-01, 2026-12-01T08:00[:SS] (local time), now, now-2h, or 2h (ago)."""
+    import argparse
+    text = text.strip()
+    ago = text[4:] if text.startswith("now-") else (text if text[:1].isdigit() and text[-1:] in "smhd" else None)
+    if text == "now":
+        return time.time()
+    if ago is not None and ago[:-1].isdigit() and ago[-1:] in "smhd":
+        return time.time() - int(ago[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[ago[-1]]
+    for form in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return time.mktime(time.strptime(text, form))
+        except ValueError:
+            continue
+    raise argparse.ArgumentTypeError(f"want 2026-12-01, 2026-12-01T08:00, now-2h or 2h, got {text!r}")
+
+
+def event_lines(events):
+    rows = [(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(e["t"])), e["kind"], e["text"]) for e in events]
+    return table(rows, ("TIME", "EVENT", "WHAT")) if rows else "no events"
+
+
+def show_events(args, settings):
+    from ..client import request as ask
+    fields = {"limit": args.limit}
+    for name in ("since", "until", "node"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    ids = job_ids(args.job)
+    if len(ids) > 1:
+        raise UsageError("--events takes one -j JOBID")
+    if ids:
+        fields["job"] = ids[0]
+    if args.node is not None:
+        import re
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", args.node):
+            raise UsageError(f"--node: {args.node!r} is not a node name")
+    reply = ask(settings, Op.EVENTS, **fields)
+    if args.json:
+        print(json.dumps({"events": reply["events"]}, indent=1, sort_keys=True))
+    else:
+        print(event_lines(reply["events"]))
+    return Exit.OK
 
 
 def job_ids(texts):
@@ -142,6 +199,12 @@ def job_lines(jobs, now):
 
 
 def main(args):
+    if args.events:
+        if args.start or args.nodes or args.jobs or args.all:
+            raise UsageError("--events shows events: not with --start, --nodes, --jobs or --all")
+        return show_events(args, config.load())
+    if args.since is not None or args.until is not None or args.node is not None:
+        raise UsageError("--since, --until and --node go with --events")
     ids = job_ids(args.job)
     if args.start:
         if args.nodes or args.all:

@@ -12,9 +12,10 @@ import os
 import pwd
 
 from .. import arrays, depend, messages, placement
+from . import events as ev
 from ..jobs import Job, new_element
-from ..messages import (BadMessage, Cancelled, Changed, InfoReply, Invalid, JobEnded, NodesChanged, Refused,
-                        Submitted)
+from ..messages import (BadMessage, Cancelled, Changed, EventsReply, HistoryReply, InfoReply, Invalid, JobEnded,
+                        NodesChanged, Refused, StatsReply, Submitted)
 from ..vocab import MAX_MESSAGE_BYTES, JobState, Op, PendingReason
 
 log = logging.getLogger("cm.head")
@@ -23,6 +24,11 @@ log = logging.getLogger("cm.head")
 REPLIES_KEPT = 10000
 # Ended jobs that cminfo --all shows when it does not say how many (newest first).
 DEFAULT_ENDED_SHOWN = 100
+# Days of events cminfo --events looks back by default; most samples a history reply holds;
+# the longest range (seconds) answered at full resolution rather than as 5-minute means.
+EVENTS_DAYS = 7
+HISTORY_POINTS = 1500
+FULL_RESOLUTION_FOR = 3 * 3600
 UNAVAILABLE = "the cluster's database is unavailable; try again later"
 NOT_ACCEPTED = "the cluster's database is unavailable; job not accepted, try again later"
 
@@ -41,7 +47,9 @@ def user_name(uid):
 
 
 class CliApi:
-    def __init__(self, cfg, nodes, queue, out, wall, sealer):
+    def __init__(self, cfg, nodes, queue, out, wall, sealer, events):
+        self.events = events
+        self.sampler = None              # the metrics sampler (metrics.py), set by the core
         self.cfg, self.nodes, self.queue, self.out, self.wall = cfg, nodes, queue, out, wall
         self.sealer = sealer
         self.replies = collections.OrderedDict()  # request_key -> the reply, or None while in progress
@@ -52,7 +60,8 @@ class CliApi:
                          Op.CANCEL: self.on_cancel, Op.WAIT: self.on_wait,
                          Op.HOLD: self.on_hold, Op.RELEASE: self.on_hold,
                          Op.DRAIN: self.on_node_admin, Op.NODE_DOWN: self.on_node_admin,
-                         Op.RESUME: self.on_node_admin}
+                         Op.RESUME: self.on_node_admin, Op.EVENTS: self.on_events,
+                         Op.HISTORY: self.on_history, Op.STATS: self.on_stats}
         queue.on_retired = self.job_ended
 
     def remember(self, job):
@@ -226,6 +235,8 @@ class CliApi:
             return
         job.id = job_id
         self.queue.add(job)
+        self.events.emit(ev.JOB_SUBMITTED, f"{'array' if job.is_array else 'job'} {job.id} ({job.name}) "
+                         f"submitted by {job.user}", **ev.job_fields(job, str(job.id)))
         size = (f"{job.task_count} processes" if job.task_count else f"{job.nodes} x {job.procs_per_node}") + \
             f" x {job.cpus_per_proc} CPUs"
         log.info("%s %d submitted by %s: %s, %s", f"array [{job.array['spec']}]" if job.is_array else "job",
@@ -401,16 +412,80 @@ class CliApi:
                 node.drain = None
                 self.queue.triggers.add(f"node {name} resumed")
                 log.info("node %s resumed by %s", name, who)
+                self.events.emit(ev.NODE_RESUMED, f"node {name} resumed by {who}", node=name, by=who)
             else:
                 down = msg.OP == Op.NODE_DOWN
                 node.drain = {"reason": msg.reason, "by": who, "since": self.wall(), "down": down}
                 log.info("node %s %s by %s: %s", name, "set down" if down else "drained", who, msg.reason)
+                self.events.emit(ev.NODE_DRAINED, f"node {name} {'set down' if down else 'drained'} by {who}: "
+                                 f"{msg.reason}", node=name, by=who, reason=msg.reason, down=down)
                 if down:
                     self.queue.stop_jobs_on(node, f"node {name} set down by {who}: {msg.reason}")
             self.out.writer.save_node(name, node.stored())
         views = [{"name": n, "status": self.nodes[n].status(), "drain": self.nodes[n].drain}
                  for n in dict.fromkeys(msg.nodes)]
         self.out.writer.barrier(lambda error, _: self.answer(caller, msg, NodesChanged(nodes=views)))
+
+    # ---- what happened: events, the metrics history, the head's own figures ----
+
+    def on_events(self, caller, msg):
+        """cminfo --events and the dashboard: the latest events (newest first), read on the
+        reader's thread from the days the range covers."""
+        now = self.wall()
+        until = msg.get("until", now)
+        since = msg.get("since", until - EVENTS_DAYS * 86400)
+        if since > until:
+            self.out.reply(caller, Invalid(error="--since is after --until", usage=True))
+            return
+        query = {}
+        if msg.get("node"):
+            query["$or"] = [{"node": msg.node}, {"nodes": msg.node}]
+        if msg.get("job") is not None:
+            query["label"] = messages.shown_ref(msg.job) if not isinstance(msg.job, int) else str(msg.job)
+        if msg.get("kinds"):
+            unknown = [k for k in msg.kinds if k not in ev.KINDS]
+            if unknown:
+                self.out.reply(caller, Invalid(error=f"no event kind {unknown[0]} (kinds: {', '.join(ev.KINDS)})",
+                                               usage=True))
+                return
+            query["kind"] = {"$in": list(msg.kinds)}
+
+        def done(error, found):
+            if error is not None:
+                self.out.reply(caller, Refused(error=UNAVAILABLE))
+            else:
+                self.out.reply(caller, EventsReply(events=[ev.view(e) for e in found]))
+        self.out.writer.read("find_appended", ("events", since, until, query, msg.get("limit", 100)), done)
+
+    def on_history(self, caller, msg):
+        """The dashboard's charts: samples of the range, oldest first, at most HISTORY_POINTS
+        of them (evenly thinned), at full resolution for up to FULL_RESOLUTION_FOR seconds."""
+        until = msg.get("until", self.wall())
+        since = msg.since
+        if since > until:
+            self.out.reply(caller, Invalid(error="since is after until", usage=True))
+            return
+        resolution = msg.get("resolution", "auto")
+        if resolution == "auto":
+            resolution = "full" if until - since <= FULL_RESOLUTION_FOR else "5m"
+        kind = "metrics" if resolution == "full" else "metrics5m"
+        detail, node = msg.get("detail", "cluster"), msg.get("node")
+
+        def done(error, found):
+            if error is not None:
+                self.out.reply(caller, Refused(error=UNAVAILABLE))
+                return
+            found = thinned(found or [], HISTORY_POINTS)
+            self.out.reply(caller, HistoryReply(samples=[shaped(s, detail, node) for s in found],
+                                                resolution=resolution))
+        self.out.writer.read("find_appended", (kind, since, until, None, 100000, False), done)
+
+    def on_stats(self, caller, msg):
+        backlog = getattr(self.out.writer, "backlog", lambda: 0)()
+        self.out.reply(caller, StatsReply(stats={
+            "start_latency": self.queue.start_latency.view(), "pass_seconds": self.queue.pass_seconds.view(),
+            "writer_backlog": backlog, "scheduler": self.cfg.scheduler,
+            "latest_sample": self.sampler.latest["t"] if self.sampler.latest else None}))
 
     def on_wait(self, caller, msg):
         job_id = msg.job_id
@@ -427,6 +502,27 @@ class CliApi:
             self.out.writer.read("find_history", ([job_id],), done)
         else:
             self.out.reply(caller, Refused(error=f"job {job_id}: no such job"))
+
+
+def thinned(samples, most):
+    """At most `most` of the samples, evenly spread, the newest kept."""
+    if len(samples) <= most:
+        return samples
+    step = len(samples) / most
+    return [samples[min(len(samples) - 1, int(round((i + 1) * step)) - 1)] for i in range(most)]
+
+
+def shaped(sample, detail, node):
+    """What a history sample carries: the cluster's totals; one node's row; every node's
+    status alone (a heatmap); or every node's row."""
+    out = {"t": sample["t"], "cluster": sample["cluster"]}
+    if node is not None:
+        out["node"] = next((row for row in sample["nodes"] if row["name"] == node), None)
+    if detail == "status":
+        out["status"] = {row["name"]: row["status"] for row in sample["nodes"]}
+    elif detail == "nodes":
+        out["nodes"] = sample["nodes"]
+    return out
 
 
 def shown(job):

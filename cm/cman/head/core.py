@@ -12,7 +12,9 @@ import logging
 
 from .. import messages
 from ..vocab import NodeState, Op
+from . import events as ev
 from .cliapi import CliApi
+from .metrics import Sampler
 from .nodes import FORGET, LIVENESS, Nodes
 from .queue import JobQueue
 
@@ -23,8 +25,11 @@ class Core:
     def __init__(self, cfg, out, clock, wall, sealer):
         self.cfg, self.out, self.clock, self.wall = cfg, out, clock, wall
         self.nodes = Nodes(cfg, clock, wall)
-        self.queue = JobQueue(cfg, self.nodes, out, wall, sealer)
-        self.cli = CliApi(cfg, self.nodes, self.queue, out, wall, sealer)
+        self.events = ev.EventLog(out.writer, wall)
+        self.queue = JobQueue(cfg, self.nodes, out, wall, sealer, self.events)
+        self.cli = CliApi(cfg, self.nodes, self.queue, out, wall, sealer, self.events)
+        self.sampler = Sampler(cfg, clock, wall)     # the metrics history (metrics.py)
+        self.cli.sampler = self.sampler
         self.compute_handlers = {
             Op.REGISTER: self.on_register,
             Op.HEARTBEAT: self.on_heartbeat,
@@ -53,21 +58,33 @@ class Core:
                 self.node_lost(node, f"silent for {detail:.1f}s")
             elif what == FORGET:
                 log.info("node %s forgotten after %gs DOWN", node.name, self.cfg.node_forget_after)
+                self.events.emit(ev.NODE_FORGOTTEN, f"node {node.name} forgotten after "
+                                 f"{self.cfg.node_forget_after:g}s down", node=node.name)
                 self.nodes.forget(node)
                 self.out.writer.delete_node(node.name)
         if self.queue.triggers:
             self.queue.schedule()
+        if self.sampler.due(now):
+            self.sampler.take(self.nodes, self.queue, self.out.writer)
 
     def next_deadline(self):
-        return self.nodes.next_deadline()
+        node_deadline = self.nodes.next_deadline()
+        return self.sampler.next_at if node_deadline is None else min(node_deadline, self.sampler.next_at)
 
     # ---- compute daemons ----
 
     def on_register(self, name, msg):
+        known = self.nodes.get(name)
+        was_up = known is not None and known.state == NodeState.UP
         node, changed = self.nodes.registered(name, msg.cpus, msg.mem_mb, msg.containment,
-                                              msg.get("gpus", 0), msg.get("gpu_model", ""))
+                                              msg.get("gpus", 0), msg.get("gpu_model", ""), msg.get("gpu_indices"))
         if changed:
             self.out.writer.save_node(name, node.stored())
+        if known is None:
+            self.events.emit(ev.NODE_REGISTERED, f"node {name} registered: {msg.cpus} CPUs, {msg.mem_mb} MiB"
+                             + (f", {msg.get('gpus')} GPUs" if msg.get("gpus") else ""), node=name)
+        if not was_up:
+            self.events.emit(ev.NODE_UP, f"node {name} UP", node=name)
         self.queue.triggers.add(f"node {name} ready")
         log.info("node %s registered: %d CPUs, %d MiB, %s%s, running %d tasks, reporting %d ended",
                  name, msg.cpus, msg.mem_mb, msg.containment,
@@ -91,6 +108,7 @@ class Core:
         node.last_seen = self.clock()
         node.load, node.cpu_percent, node.mem_used_mb = msg.load, msg.cpu_percent, msg.mem_used_mb
         node.gpu_util, node.gpu_mem_used_mb = msg.get("gpu_util"), msg.get("gpu_mem_used_mb")
+        node.disk_free_mb = msg.get("disk_free_mb")
         self.out.send(name, messages.HeartbeatAck())
         self.queue.check_running(node, {(r["job"], r["attempt"]) for r in msg.running}, node.last_seen)
 
@@ -108,6 +126,7 @@ class Core:
     def node_lost(self, node, why):
         # UP -> DOWN: its tasks are gone; each of their jobs is requeued or ends NODE_FAIL.
         log.warning("node %s DOWN: %s", node.name, why)
+        self.events.emit(ev.NODE_DOWN, f"node {node.name} DOWN: {why}", node=node.name, reason=why)
         self.nodes.transition(node, NodeState.DOWN, why)
         self.out.writer.save_node(node.name, node.stored())
         self.queue.fail_tasks_on(node, f"node {node.name} lost: {why}")

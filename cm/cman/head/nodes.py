@@ -30,7 +30,8 @@ class Node:
     def __init__(self, name, cpus, mem_mb, state=NodeState.DOWN, reason="", state_since=None, drain=None,
                  gpus=0, gpu_model=""):
         self.name, self.cpus, self.mem_mb = name, cpus, mem_mb
-        self.gpus, self.gpu_model = gpus, gpu_model     # its GPUs: how many (indices 0 ... gpus-1), what
+        self.gpus, self.gpu_model = gpus, gpu_model     # its GPUs: how many, and what they are
+        self.gpu_ids = list(range(gpus))                # ... and their indices (nvidia-smi's)
         self.gpus_held = set()           # indices of those jobs hold
         self.gpu_util = self.gpu_mem_used_mb = None     # live, from heartbeats, where the node knows
         self.state, self.reason, self.state_since = state, reason, state_since
@@ -43,6 +44,8 @@ class Node:
         self.jobs = set()                # ids of jobs with tasks here
         self.load = self.cpu_percent = 0.0
         self.mem_used_mb = 0
+        self.disk_free_mb = None         # free space where the jobs' working directories are, if known
+        self.idle_since = None           # wall time its last job left it (None: since the head started)
         self.containment = ""            # how the node contains jobs (cgroup v1/v2, process groups)
         self.unconfirmed = {}            # (job, attempt) -> when the node first failed to show
                                          # a launch or kill sent to it (queue.check_running)
@@ -69,11 +72,14 @@ class Node:
         """What the database keeps of a node (written on UP/DOWN and on a change of size)."""
         return {"state": self.state, "reason": self.reason, "state_since": self.state_since,
                 "cpus": self.cpus, "mem_mb": self.mem_mb, "drain": self.drain,
-                "gpus": self.gpus, "gpu_model": self.gpu_model}
+                "gpus": self.gpus, "gpu_model": self.gpu_model, "gpu_ids": self.gpu_ids}
 
     def free_gpus(self, count):
         """The lowest count GPU indices no job holds."""
-        return [i for i in range(self.gpus) if i not in self.gpus_held][:count]
+        return [i for i in self.gpu_ids if i not in self.gpus_held][:count]
+
+    def free_gpu_count(self):
+        return sum(1 for i in self.gpu_ids if i not in self.gpus_held)
 
     def view(self):
         return {
@@ -84,7 +90,8 @@ class Node:
             "jobs": sorted(self.jobs), "state_since": self.state_since, "containment": self.containment,
             "drain": dict(self.drain) if self.drain else None,
             "gpus": self.gpus, "alloc_gpus": len(self.gpus_held), "gpu_model": self.gpu_model,
-            "gpu_util": self.gpu_util, "gpu_mem_used_mb": self.gpu_mem_used_mb,
+            "gpu_util": self.gpu_util, "gpu_mem_used_mb": self.gpu_mem_used_mb, "disk_free_mb": self.disk_free_mb,
+            "idle_since": self.idle_since if not self.jobs else None,
         }
 
 
@@ -113,7 +120,15 @@ class Nodes:
         return node
 
     def views(self):
-        return [self.by_name[n].view() for n in sorted(self.by_name, key=placement.node_sort_key)]
+        now = self.clock()
+        views = []
+        for name in sorted(self.by_name, key=placement.node_sort_key):
+            node = self.by_name[name]
+            view = node.view()
+            # Liveness from heartbeats: seconds since the node was last heard from.
+            view["heard_ago"] = round(now - node.last_seen, 1) if node.connected else None
+            views.append(view)
+        return views
 
     def capacity(self):
         """{name: (cpus, mem_mb, gpus)} of every node, up or down: what a job could ever get."""
@@ -121,7 +136,7 @@ class Nodes:
 
     def free(self):
         """{name: (free cpus, free mem_mb, free gpus)} of the nodes that may receive work."""
-        return {n.name: (n.cpus - n.alloc_cpus, n.mem_mb - n.alloc_mem_mb, n.gpus - len(n.gpus_held))
+        return {n.name: (n.cpus - n.alloc_cpus, n.mem_mb - n.alloc_mem_mb, n.free_gpu_count())
                 for n in self.by_name.values() if n.ready}
 
     # ---- changes of state ----
@@ -140,13 +155,16 @@ class Nodes:
             node.connected = False
             self.plan_forget(node, now)
 
-    def registered(self, name, cpus, mem_mb, containment="", gpus=0, gpu_model=""):
+    def registered(self, name, cpus, mem_mb, containment="", gpus=0, gpu_model="", gpu_indices=None):
         """A node (new, back, or reconnecting) says who it is. Returns it and whether
         what the database keeps of it changed."""
         node = self.by_name.get(name) or self.add(Node(name, cpus, mem_mb))
         before = node.stored()
         node.cpus, node.mem_mb, node.containment = cpus, mem_mb, containment
-        node.gpus, node.gpu_model = max(gpus, max(node.gpus_held, default=-1) + 1), gpu_model
+        # The GPUs it has now: a held index it no longer reports stays held until its job ends,
+        # and is never handed out again.
+        ids = sorted(set(gpu_indices)) if gpu_indices is not None else list(range(gpus))
+        node.gpus, node.gpu_ids, node.gpu_model = len(ids), ids, gpu_model
         node.last_seen = self.clock()
         node.connected = True
         if node.state != NodeState.UP:

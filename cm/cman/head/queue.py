@@ -24,11 +24,14 @@ import bisect
 import collections
 import copy
 import logging
+import time
 
 from .. import arrays, depend
 from .. import jobs as lifecycle
 from .. import messages, placement, units
 from ..vocab import EndCause, JobState, NodeState, PendingReason
+from . import events as ev
+from . import metrics
 from .nodes import Node
 
 log = logging.getLogger("cm.head")
@@ -43,8 +46,9 @@ ALTERED = "its record in the database does not match the head's seal (altered th
 
 
 class JobQueue:
-    def __init__(self, cfg, nodes, out, wall, sealer):
+    def __init__(self, cfg, nodes, out, wall, sealer, events):
         self.cfg, self.nodes, self.out, self.wall = cfg, nodes, out, wall
+        self.events = events             # the event log (events.py)
         self.sealer = sealer             # checks, before any launch, that a job is as submitted
         self.jobs = {}                   # id -> Job, for PENDING and RUNNING jobs
         self.pending = []                # ids of PENDING jobs, in submission order
@@ -56,6 +60,8 @@ class JobQueue:
         self.array_ids = []              # their ids, in order: which array an element id is of
         self.on_retired = lambda job: None   # the CLI API tells those who wait for it
         self.backfill = cfg.scheduler == placement.BACKFILL
+        self.start_latency = metrics.Histogram(metrics.START_LATENCY_BOUNDS)   # for /metrics
+        self.pass_seconds = metrics.Histogram(metrics.PASS_BOUNDS)
         self.plan_ahead = None           # {job id: (start, layout)}: estimates, made when asked for
         self.last_ready = []             # the jobs the last pass could have started, in order
 
@@ -104,6 +110,13 @@ class JobQueue:
         self.dependency_changed(job)
         self.remember_ended(job)
         self.on_retired(job)
+        label = self.label_of(job)
+        kind = ev.JOB_TIMEOUT if job.state == JobState.TIMEOUT else ev.JOB_ENDED
+        self.events.emit(kind, f"{'array' if job.is_array else 'job'} {label} of {job.user} {job.state}, exit code "
+                         f"{job.exit_code}" + (f", signal {job.exit_signal}" if job.exit_signal else "")
+                         + (f": {job.reason}" if job.reason and job.state != JobState.COMPLETED else ""),
+                         state=job.state, exit_code=job.exit_code, signal=job.exit_signal,
+                         nodes=list(job.node_list) or None, **ev.job_fields(job, label))
         log.info("%s %d %s, exit code %d%s", "array" if job.is_array else "job", job.id, job.state,
                  job.exit_code, f", signal {job.exit_signal}" if job.exit_signal else "")
         if job.array_id is not None:
@@ -145,13 +158,15 @@ class JobQueue:
         node.alloc_mem_mb -= mem
         node.gpus_held.difference_update(gpus)
         node.jobs.discard(job.id)
+        if not node.jobs:
+            node.idle_since = self.wall()
         self.triggers.add(f"resources freed on {name}")
 
     def holdings(self, now):
         """[(expected end, [(node, cpus, mem_mb, gpus)])] of the running jobs, ends judged by
         their time limits (default_time_limit for one with none): what placement plans with.
         One past its limit is taken to end now (it is being stopped)."""
-        out = []
+        by_job = {}
         for node in self.nodes.values():
             if not node.ready:
                 continue
@@ -159,10 +174,10 @@ class JobQueue:
                 job = self.jobs.get(job_id)
                 if job is None or job.start_time is None:
                     continue
-                end = max(now, job.start_time + placement.expected_seconds(job, self.cfg.default_time_limit))
                 cpus, mem, gpus = self.held_on(job, node.name)
-                out.append((end, [(node.name, cpus, mem, len(gpus))]))
-        return out
+                by_job.setdefault(job_id, (job, []))[1].append((node.name, cpus, mem, len(gpus)))
+        return [(max(now, job.start_time + placement.expected_seconds(job, self.cfg.default_time_limit)), held)
+                for job, held in by_job.values()]
 
     # ---- placement and launch ----
 
@@ -171,6 +186,13 @@ class JobQueue:
         self.triggers.clear()
         if not self.pending:
             return
+        began = time.perf_counter()
+        try:
+            self.place_pending(why)
+        finally:
+            self.pass_seconds.observe(time.perf_counter() - began)
+
+    def place_pending(self, why):
         candidates = self.ready_to_place()
         now = self.wall()
         plan = placement.place(candidates, self.nodes.free(), self.holdings(now) if self.backfill else (),
@@ -289,6 +311,11 @@ class JobQueue:
             if job_id <= template.id + template.array["count"]:
                 return template, job_id - template.id - 1
         return None, None
+
+    @staticmethod
+    def label_of(job):
+        """A job's id as users name it: 7, or 12_7 for an array's element."""
+        return f"{job.array_id}_{job.array_task}" if job.array_id is not None else str(job.id)
 
     def label(self, job_id):
         """A live job's id as users name it: 7, or 12_7 for an array's element."""
@@ -539,6 +566,11 @@ class JobQueue:
             self.allocate(job, name)
         attempt = job.attempt
         self.write_job(job, changed, then=lambda error, _: self.launch(job, attempt, error))
+        label = self.label_of(job)
+        if job.attempt == 0 and job.submit_time:
+            self.start_latency.observe(max(0.0, job.start_time - job.submit_time))
+        self.events.emit(ev.JOB_STARTED, f"job {label} of {job.user} started on {','.join(job.node_list)}",
+                         nodes=list(job.node_list), attempt=job.attempt, **ev.job_fields(job, label))
 
     def launch(self, job, attempt, error=None):
         if job.state != JobState.RUNNING or job.attempt != attempt:
@@ -707,6 +739,10 @@ class JobQueue:
             return {"ok": False, "error": why}
         if uid not in (0, job.uid):
             return {"ok": False, "error": f"permission denied: it belongs to {job.user}"}
+        if job.array_id is None or not self.arrays.get(job.array_id) or \
+                self.arrays[job.array_id].reason != f"cancelled by {who}":     # an array's: one event for all
+            self.events.emit(ev.JOB_CANCELLED, f"{'array' if job.is_array else 'job'} {self.label_of(job)} of "
+                             f"{job.user} cancelled by {who}", by=who, **ev.job_fields(job, self.label_of(job)))
         if job.is_array:
             return self.cancel_array(job, uid, who)
         if job.state == JobState.PENDING:
@@ -791,6 +827,9 @@ class JobQueue:
             self.write_job(job, changed)
             bisect.insort(self.pending, job.id)
             self.triggers.add(f"job {job.id} requeued")
+            self.events.emit(ev.JOB_REQUEUED, f"job {self.label_of(job)} of {job.user} requeued (attempt "
+                             f"{job.attempt}, {job.retries} retries left)", attempt=job.attempt,
+                             **ev.job_fields(job, self.label_of(job)))
             log.info("job %d requeued (%d retries left)", job.id, job.retries)
             return
         # RUNNING -> COMPLETED, FAILED, CANCELLED, TIMEOUT or NODE_FAIL

@@ -29,6 +29,9 @@ def restore(core, state):
         gpus = d.get("gpus") if isinstance(d.get("gpus"), int) and d.get("gpus") >= 0 else 0
         node = core.nodes.add(Node(d["name"], d["cpus"], d["mem_mb"], d["state"], d.get("reason", ""),
                                    d.get("state_since"), drain, gpus, str(d.get("gpu_model") or "")))
+        ids = d.get("gpu_ids")
+        if isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < 1024 for i in ids):
+            node.gpu_ids, node.gpus = sorted(set(ids)), len(set(ids))
         if node.state == NodeState.UP:
             node.last_seen = now
             core.nodes.set_timer(now + core.cfg.node_timeout, LIVENESS, node.name)
