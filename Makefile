@@ -21,6 +21,8 @@ DB          ?= auto
 MONGO_IMAGE := mongo:7
 # ADDRESS:PORT on this host where compute nodes outside the containers reach the head (off if empty).
 PUBLISH     ?=
+# ADDRESS:PORT on this host where the web dashboard is published (0.0.0.0:8080: to every network).
+DASHBOARD   ?= 127.0.0.1:8080
 CLUSTER_DIR ?= /tmp/cmcluster-$(shell id -u)
 USER        ?= $(shell id -un)
 # `docker compose` (the plugin) where it exists, else docker-compose.
@@ -28,7 +30,7 @@ COMPOSE_BIN := $(shell if docker compose version >/dev/null 2>&1; then echo "doc
 # The compute services compute1 ... computeN, written by `make` (scripts/cluster compose-nodes);
 # kept in the drive, so that `make down` and `make logs` act on the nodes the last `make` started.
 NODES_FILE   = $(CM_DRIVE)/etc/compose-nodes.yml
-COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) CM_PROJECT=$(PROJECT) CM_DB_URL='$(DB_URL)' \
+COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) CM_DASHBOARD=$(DASHBOARD) CM_PROJECT=$(PROJECT) CM_DB_URL='$(DB_URL)' \
                $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml -f $(NODES_FILE) \
                $(if $(PUBLISH),-f $(CURDIR)/docker-compose.publish.yml)
 FERRETDB    := .build/cm-ferretdb
@@ -38,7 +40,8 @@ TASK_HELPER := cm/libexec/cm-task
 # features and caches, slow in a virtual machine) and a task pays it once.
 TASK_CC     ?= $(shell command -v musl-gcc 2>/dev/null || echo cc)
 DEBS        := python3-zmq python3-pymongo python3-mongoengine python3-psutil \
-               python3-pytest python3-pytest-timeout python3-docker docker-compose mmdebstrap gcc libc6-dev musl-tools
+               python3-pytest python3-pytest-timeout python3-docker docker-compose mmdebstrap gcc libc6-dev musl-tools \
+               libjs-chart.js chromium python3-websocket
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Which database image: decided once per make run, only by targets that need it.
@@ -60,6 +63,7 @@ up: images keys ## The same as `make`
 	$(COMPOSE) up -d --remove-orphans
 	@$(HOST_PYTHON) scripts/cluster wait-nodes --nodes $(NODES) -- $(COMPOSE)
 	@$(COMPOSE) exec -T head cminfo
+	@echo "dashboard http://$(DASHBOARD)/"
 
 # The cluster's CURVE keys in drive/keys: the head's, and a pair per compute node bound to its
 # name. cmkeys makes them inside the head's image (it needs pyzmq, which the host may lack), as
@@ -92,13 +96,17 @@ $(NODES_FILE): | host-tools
 	@mkdir -p $(CM_DRIVE)/etc
 	@$(HOST_PYTHON) scripts/cluster compose-nodes --nodes $(NODES) --project $(PROJECT) --out $(NODES_FILE)
 
+# The base image is made again when its package list changes (its label holds the list's hash).
+BASE_FRESH   = [ "$$(docker image inspect -f '{{index .Config.Labels "org.cm.packages"}}' cm-base:latest 2>/dev/null)" \
+               = "$$(sha256sum baseimage/packages | cut -c1-16)" ]
+
 images: host-tools helper $(if $(filter ferretdb,$(DB_KIND)),ferretdb-image) ## Build the images that are missing or out of date
-	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
+	@$(BASE_FRESH) || baseimage/build cm-base:latest
 	@scripts/build-image -t cm-head:latest -f headnode/Dockerfile .
 	@scripts/build-image -t cm-compute:latest -f computenode/Dockerfile .
 
 ferretdb-image: $(FERRETDB)
-	@docker image inspect cm-base:latest >/dev/null 2>&1 || baseimage/build cm-base:latest
+	@$(BASE_FRESH) || baseimage/build cm-base:latest
 	@scripts/build-image -t cm-ferretdb:latest -f ferretdb/Dockerfile .build
 
 # As the user, at home on the shared /home (root's too: /root is not shared), with the
@@ -153,6 +161,7 @@ local: deps ferretdb helper ## A cluster of local processes instead of container
 	@$(PYTHON) cm/bin/cmcluster status --dir $(CLUSTER_DIR) >/dev/null 2>&1 \
 	  || $(PYTHON) cm/bin/cmcluster up --nodes $(NODES) --dir $(CLUSTER_DIR) >/dev/null
 	@CM_SOCKET=$(CLUSTER_DIR)/cm.sock $(PYTHON) cm/bin/cminfo
+	@$(PYTHON) cm/bin/cmcluster status --dir $(CLUSTER_DIR) | grep '^dashboard ' || true
 	@echo "Use it from this shell:"
 	@echo "  export PATH=$(CURDIR)/cm/bin:\$$PATH CM_SOCKET=$(CLUSTER_DIR)/cm.sock"
 

@@ -44,8 +44,10 @@ class ContainerCluster(JobViews):
     def up(self):
         # The head's port is published on loopback, for compute daemons outside the containers.
         self.port = getattr(self, "port", None) or free_port()
-        proc = self.make("up", PUBLISH=f"127.0.0.1:{self.port}")
+        self.dashboard_port = getattr(self, "dashboard_port", None) or free_port()
+        proc = self.make("up", PUBLISH=f"127.0.0.1:{self.port}", DASHBOARD=f"127.0.0.1:{self.dashboard_port}")
         assert proc.returncode == 0, f"make up failed:\n{proc.stdout}\n{proc.stderr}"
+        self.up_output = proc.stdout
 
     def down(self):
         if getattr(self, "failed", False):
@@ -131,6 +133,26 @@ def test_the_cluster_comes_up_with_three_compute_nodes_named_compute1_to_3(cc):
     assert all(n["cpus"] >= 1 for n in nodes)
     # The names resolve on the cluster network, for programs that connect rank to rank.
     assert cc.ok("getent hosts compute2").split()[1] == "compute2"
+
+
+def test_make_prints_the_dashboards_url_and_it_shows_the_nodes(cc):
+    import urllib.request
+    url = f"http://127.0.0.1:{cc.dashboard_port}/"
+    assert f"dashboard {url}" in cc.up_output.splitlines()
+    nodes = wait_until(lambda: _get_json(url + "api/nodes"), 60, "the dashboard")["nodes"]
+    assert [n["name"] for n in nodes if n["state"] == "UP"] == ["compute1", "compute2", "compute3"]
+    with urllib.request.urlopen(url + "static/chart.js", timeout=10) as r:   # Debian's, served by cm
+        assert r.status == 200 and len(r.read()) > 50000
+
+
+def _get_json(url):
+    import json
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.load(r)
+    except OSError:
+        return None
 
 
 def test_no_job_on_a_compute_node_can_reach_the_database(cc):

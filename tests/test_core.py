@@ -642,3 +642,30 @@ def test_an_overlapping_spec_that_folds_into_too_many_ranges_is_refused_as_a_usa
     body = out.replies[-1][1]
     assert body["ok"] is False and body["usage"] and "ranges" in body["error"], body
     assert not writer.ops
+
+
+def test_the_head_samples_the_cluster_every_metrics_interval_and_appends_five_minute_means():
+    core, out, writer, clock = new_core()
+    register(core, cpus=4)
+    submit(core, ALICE, procs_per_node=3)
+    writer.complete()
+    core.tick(clock.now)
+    writer.complete()
+    for _ in range(int(400 / CFG.metrics_interval) + 1):      # past one 5-minute window
+        clock.now += CFG.metrics_interval
+        core.on_compute("node1", messages.Heartbeat(load=0.5, cpu_percent=75.0, mem_used_mb=100, running=[],
+                                                    disk_free_mb=5000))
+        core.tick(clock.now)
+    samples = [doc for kind, doc in writer.appended if kind == "metrics"]
+    means = [doc for kind, doc in writer.appended if kind == "metrics5m"]
+    assert len(samples) >= 40 and len(means) >= 1
+    last = samples[-1]
+    assert last["cluster"]["cpus_alloc"] == 3 and last["cluster"]["cpus_idle"] == 1
+    assert last["cluster"]["users"] == [{"user": "424201", "running": 1, "pending": 0, "cpus": 3}]
+    assert last["nodes"][0]["status"] == "mixed" and last["nodes"][0]["disk_free"] == 5000
+    assert means[0]["nodes"][0]["cpu"] == pytest.approx(75.0, abs=40)
+    assert means[0]["nodes"][0]["status"] == "mixed"
+    # Heartbeats themselves write nothing to the database.
+    assert not [op for op in writer.ops if op[0] != "barrier"]
+    kinds = [doc["kind"] for kind, doc in writer.appended if kind == "events"]
+    assert kinds[:4] == ["node_registered", "node_up", "job_submitted", "job_started"]

@@ -310,3 +310,26 @@ def test_an_end_record_holds_what_changed_and_a_restart_rebuilds_the_whole_job_f
     (ended,) = Store(url).find_history([0])
     assert (ended["state"], ended["name"], ended["argv"], ended["node_list"], ended["end_time"]) == \
         ("COMPLETED", "sim", ["./sim"], ["node1"], 3.0)
+
+
+def test_events_and_metrics_are_appended_by_day_read_back_by_range_and_old_days_dropped(url):
+    st, writer = started_writer(url)
+    day = 86400.0
+    now = 1_800_000_000.0
+    for k in range(5):                    # one event a day, five days
+        writer.append("events", {"_id": k, "t": now - k * day, "kind": "node_up", "node": f"n{k}", "text": "x"})
+        writer.append("metrics", {"_id": k, "t": now - k * day, "cluster": {}, "nodes": []})
+    writer.append("events", {"_id": 0, "t": now, "kind": "node_up", "node": "n0", "text": "again"})  # a retry
+    flush(writer)
+    # Each day's own collection: a range reads only its days, newest first, and a repeat is stored once.
+    found = st.find_appended("events", now - 2.5 * day, now)
+    assert [d["_id"] for d in found] == [0, 1, 2] and found[0]["text"] == "x"
+    assert [d["_id"] for d in st.find_appended("events", 0, now, {"node": "n3"})] == [3]
+    assert [d["_id"] for d in st.find_appended("events", 0, now, limit=2)] == [0, 1]
+    assert [d["_id"] for d in st.find_appended("events", 0, now, newest_first=False)] == [4, 3, 2, 1, 0]
+    # Metrics keep 2 days; events every day. The writer drops the old days itself, once a day.
+    dropped = st.drop_old("metrics", now)
+    assert len(dropped) == 3
+    assert [d["_id"] for d in st.find_appended("metrics", 0, now)] == [0, 1]
+    assert st.drop_old("events", now) == []
+    writer.stop(5)

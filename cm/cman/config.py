@@ -135,6 +135,8 @@ SCHEMA = {
     "default_time_limit": (units.parse_time_limit, units.TIME_FORMS + " (0: unlimited)"),
     "gpus": (_gpus, "auto or a whole number of GPUs from 0 to 1024"),
     "metrics_interval": SECONDS,
+    "dashboard_bind": (_text, "an address such as 127.0.0.1 or 0.0.0.0"),
+    "dashboard_port": (_port, "a port number from 1 to 65535"),
     "work_filesystem": (_optional_path, "an absolute path, or nothing"),
     "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
     "max_active_jobs_per_user": (_count(0), "a whole number >= 0 (0: no limit)"),

@@ -70,6 +70,14 @@ def log_tail(path, lines=15):
         return "(no log)"
 
 
+def tcp_open(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def unix_socket_open(path):
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(0.2)
@@ -157,7 +165,14 @@ def up(directory, nodes, cpus, mem, database_url=None, timeout=60.0, gpus=None):
                                           "--cpus", str(cpus), "--mem", f"{mem}M",
                                           *(["--gpus", str(gpus)] if gpus is not None else [])], directory,
                                    dict(env, CM_KEYS_DIR="" if insecure else os.path.join(store, name))))
-        record(directory, processes, {k: env[k] for k in ("CM_DATABASE_URL", "CM_SOCKET", "CM_HEAD_PORT")})
+        # The web dashboard, beside the head: it asks the head over the socket, as the CLI does.
+        dashboard_port = free_port()
+        processes.append(start("dashboard", [sys.executable, CMDAEMON, "--role", "dashboard",
+                                             "--port", str(dashboard_port)], directory, env))
+        cluster_env = {k: env[k] for k in ("CM_DATABASE_URL", "CM_SOCKET", "CM_HEAD_PORT")}
+        cluster_env["dashboard"] = f"http://127.0.0.1:{dashboard_port}/"
+        record(directory, processes, cluster_env)
+        wait_for(lambda: tcp_open("127.0.0.1", dashboard_port), timeout, "the dashboard to listen", processes)
 
         def all_up():
             try:

@@ -66,8 +66,10 @@ def main(args):
         else:
             processes, env = status(args.dir)
             for proc in processes:
-                print(f"{proc['name']:<8} pid {proc['pid']:<8} {'running' if proc['running'] else 'NOT RUNNING'}  log {proc['log']}")
+                print(f"{proc['name']:<10} pid {proc['pid']:<8} {'running' if proc['running'] else 'NOT RUNNING'}  log {proc['log']}")
             print(f"socket {env['CM_SOCKET']}  database {env['CM_DATABASE_URL']}")
+            if env.get("dashboard"):
+                print(f"dashboard {env['dashboard']}")
             if not all(p["running"] for p in processes):
                 return Exit.ERROR
     except ClusterError as e:

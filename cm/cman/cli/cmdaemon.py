@@ -21,8 +21,11 @@ NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 def parser():
     p = Parser(prog="cmdaemon", description="Run cm's head or compute daemon.")
-    p.add_argument("--role", required=True, choices=("head", "compute", "simulate"),
-                   help="which daemon this node runs (simulate: --count simulated compute nodes, for benchmarks)")
+    p.add_argument("--role", required=True, choices=("head", "compute", "simulate", "dashboard"),
+                   help="which daemon this node runs (simulate: --count simulated compute nodes, for benchmarks; "
+                        "dashboard: the web dashboard, beside the head)")
+    p.add_argument("--port", type=whole_number(0, 65535),
+                   help="dashboard: the TCP port (default: the dashboard_port setting; 0: any free one)")
     p.add_argument("--count", type=whole_number(1), default=100, help="simulate: how many nodes")
     p.add_argument("--task-seconds", type=float, default=0.0, help="simulate: how long each simulated task lasts")
     p.add_argument("--name", help="compute: this node's name (default: the host name)")
@@ -61,7 +64,8 @@ def run_daemon(args):
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from ..keys import check_keys_or_insecure
-    check_keys_or_insecure(cfg, args.role, logging.getLogger("cm." + args.role))
+    if args.role != "dashboard":          # it speaks to the head's socket alone, as the CLI does
+        check_keys_or_insecure(cfg, args.role, logging.getLogger("cm." + args.role))
     if args.role == "head":
         if args.name or args.cpus or args.mem is not None or args.gpus is not None:
             raise UsageError("--name, --cpus, --mem and --gpus are for --role compute")
@@ -76,6 +80,10 @@ def run_daemon(args):
             serve(cfg, Store(cfg.database_url, password=password))
         except StoreError as e:
             raise CliError(f"the database at {cfg.database_url} is unavailable: {e}") from None
+        return Exit.OK
+    if args.role == "dashboard":
+        from ..dashboard import serve as dashboard
+        dashboard(cfg, cfg.dashboard_bind, cfg.dashboard_port if args.port is None else args.port)
         return Exit.OK
     if args.role == "simulate":
         from ..simnodes import serve as simulate

@@ -110,6 +110,14 @@ class JobQueue:
         self.dependency_changed(job)
         self.remember_ended(job)
         self.on_retired(job)
+        if job.array_id is None or job.state != JobState.COMPLETED:   # an element: only what went wrong
+            self.end_event(job)
+        log.info("%s %d %s, exit code %d%s", "array" if job.is_array else "job", job.id, job.state,
+                 job.exit_code, f", signal {job.exit_signal}" if job.exit_signal else "")
+        if job.array_id is not None:
+            self.element_ended(job)
+
+    def end_event(self, job):
         label = self.label_of(job)
         kind = ev.JOB_TIMEOUT if job.state == JobState.TIMEOUT else ev.JOB_ENDED
         self.events.emit(kind, f"{'array' if job.is_array else 'job'} {label} of {job.user} {job.state}, exit code "
@@ -117,10 +125,6 @@ class JobQueue:
                          + (f": {job.reason}" if job.reason and job.state != JobState.COMPLETED else ""),
                          state=job.state, exit_code=job.exit_code, signal=job.exit_signal,
                          nodes=list(job.node_list) or None, **ev.job_fields(job, label))
-        log.info("%s %d %s, exit code %d%s", "array" if job.is_array else "job", job.id, job.state,
-                 job.exit_code, f", signal {job.exit_signal}" if job.exit_signal else "")
-        if job.array_id is not None:
-            self.element_ended(job)
 
     def remember_ended(self, job):
         """Keep the latest ended jobs at hand, without their environments and scripts (the largest
@@ -558,7 +562,8 @@ class JobQueue:
         changed = lifecycle.transition(job, JobState.RUNNING, self.wall())
         self.dependency_changed(job)
         template = self.arrays.get(job.array_id) if job.array_id is not None else None
-        if template is not None and template.start_time is None:
+        first_element = template is not None and template.start_time is None
+        if first_element:
             template.start_time = job.start_time          # an array starts with its first element
             self.write_job(template, ("start_time",))
         job.launched = False
@@ -566,11 +571,16 @@ class JobQueue:
             self.allocate(job, name)
         attempt = job.attempt
         self.write_job(job, changed, then=lambda error, _: self.launch(job, attempt, error))
-        label = self.label_of(job)
         if job.attempt == 0 and job.submit_time:
             self.start_latency.observe(max(0.0, job.start_time - job.submit_time))
-        self.events.emit(ev.JOB_STARTED, f"job {label} of {job.user} started on {','.join(job.node_list)}",
-                         nodes=list(job.node_list), attempt=job.attempt, **ev.job_fields(job, label))
+        if first_element:                 # an array's elements: its start, its end and what went wrong
+            self.events.emit(ev.JOB_STARTED, f"array {template.id} of {job.user} started: its first element, "
+                             f"{self.label_of(job)}, on {','.join(job.node_list)}", nodes=list(job.node_list),
+                             **ev.job_fields(template, str(template.id)))
+        elif template is None:
+            label = self.label_of(job)
+            self.events.emit(ev.JOB_STARTED, f"job {label} of {job.user} started on {','.join(job.node_list)}",
+                             nodes=list(job.node_list), attempt=job.attempt, **ev.job_fields(job, label))
 
     def launch(self, job, attempt, error=None):
         if job.state != JobState.RUNNING or job.attempt != attempt:
