@@ -23,6 +23,8 @@ MONGO_IMAGE := mongo:7
 PUBLISH     ?=
 # ADDRESS:PORT on this host where the web dashboard is published (0.0.0.0:8080: to every network).
 DASHBOARD   ?= 127.0.0.1:8080
+# The names the dashboard answers to (a browser's Host); published elsewhere, add yours, or *.
+DASHBOARD_HOSTS ?= localhost,127.0.0.1
 CLUSTER_DIR ?= /tmp/cmcluster-$(shell id -u)
 USER        ?= $(shell id -un)
 # `docker compose` (the plugin) where it exists, else docker-compose.
@@ -30,7 +32,7 @@ COMPOSE_BIN := $(shell if docker compose version >/dev/null 2>&1; then echo "doc
 # The compute services compute1 ... computeN, written by `make` (scripts/cluster compose-nodes);
 # kept in the drive, so that `make down` and `make logs` act on the nodes the last `make` started.
 NODES_FILE   = $(CM_DRIVE)/etc/compose-nodes.yml
-COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) CM_DASHBOARD=$(DASHBOARD) CM_PROJECT=$(PROJECT) CM_DB_URL='$(DB_URL)' \
+COMPOSE      = env CM_DRIVE=$(CM_DRIVE) CM_DB_IMAGE=$(DB_IMAGE) CM_DB_KIND=$(DB_KIND) CM_PUBLISH=$(PUBLISH) CM_DASHBOARD=$(DASHBOARD) CM_DASHBOARD_HOSTS='$(DASHBOARD_HOSTS)' CM_PROJECT=$(PROJECT) CM_DB_URL='$(DB_URL)' \
                $(COMPOSE_BIN) -p $(PROJECT) -f $(CURDIR)/docker-compose.yml -f $(NODES_FILE) \
                $(if $(PUBLISH),-f $(CURDIR)/docker-compose.publish.yml)
 FERRETDB    := .build/cm-ferretdb

@@ -380,6 +380,42 @@ def scheduling_passes(passes, report):
                {"cm": samples["plan_ms"]}, None)
 
 
+def accounting(count, runs, report):
+    """cm only: cmacct and cmacct --summary over count jobs that ended in the last day, their
+    accounting records appended as the head appends them (store.append_packed, 100 a batch).
+    Slurm's sacct needs slurmdbd and a MariaDB, which this bench's single-host Slurm does not
+    run, so there is no sacct figure to set beside it."""
+    cm = Cm(tempfile.mkdtemp(prefix="cma-"))
+    cm.start()
+    try:
+        from cman.store import Store
+        store = Store(cm.process("head")["cm_env"]["CM_DATABASE_URL"])
+        now = time.time()
+        records = []
+        for i in range(count):
+            t = now - 80000 + i * 80000 / count
+            records.append({"_id": 10**7 + i, "t": t, "id": 10**7 + i, "label": str(10**7 + i), "user": f"user{i % 7}",
+                            "name": "sim", "state": "COMPLETED" if i % 10 else "FAILED", "exit_code": 0 if i % 10 else 1,
+                            "signal": None, "submit": t - 60, "start": t - 50, "end": t, "wait": 10.0, "elapsed": 50,
+                            "nodes": 1, "tasks": 2, "cpus": 2, "cpu_hours": 100 / 3600, "cpu_time": 80.0,
+                            "efficiency": 0.8, "peak_mem_mb": 512, "gpus": 0, "gpu_hours": 0.0,
+                            "node_list": ["node1"], "attempts": 1, "array": None})
+        for k in range(0, count, 100):
+            store.append_packed("acct", records[k:k + 100])
+        for label, argv in ((f"cmacct over {count} jobs ended in the last day", ["-S", "now-1days"]),
+                            (f"cmacct --summary over {count} jobs ended in the last day", ["--summary", "-S", "now-1days"])):
+            samples = []
+            for _ in range(runs + 1):     # the first reads the database; the others what the head keeps
+                began = time.monotonic()
+                out = subprocess.run(cm.cmd("cmacct", *argv), env=cm.env, capture_output=True, text=True, check=True)
+                samples.append(time.monotonic() - began)
+                assert out.stdout.strip()
+            report(label + ", first after a head start", "s", "lower", {"cm": samples[:1]}, "cm < 1 s")
+            report(label, "s", "lower", {"cm": samples[1:]}, "cm < 1 s")
+    finally:
+        cm.stop()
+
+
 def history_costs(sizes, slurm_factory, report):
     """cm only, but for Slurm's scancel of 1,000: what submitting, running, cancelling and a
     head restart cost with 0, 5,000 and 20,000 ended jobs in the history (2 nodes x 50 CPUs)."""
@@ -520,7 +556,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer runs and jobs: a few minutes")
     p.add_argument("--cm-only", action="store_true", help="measure cm alone, without Slurm")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="where the JSON goes")
-    p.add_argument("--only", choices=("array", "history", "memory", "scale", "passes"),
+    p.add_argument("--only", choices=("array", "history", "memory", "scale", "passes", "acct"),
                    help="only this scenario: array (one of 1,000 elements), history (costs as the history grows), "
                         "memory (after many jobs), scale (simulated nodes), passes (a scheduling pass)")
     args = p.parse_args()
@@ -534,6 +570,8 @@ def main():
             scale((100, 1000), 300, 5, report)
         elif args.only == "passes":
             scheduling_passes(30, report)
+        elif args.only == "acct":
+            accounting(20000, 5, report)
         else:
             memory_after_many(5000 if args.quick else 20000, report)
         print()
@@ -609,6 +647,8 @@ def main():
     scale((100, 500, 1000) if not quick else (100, 1000), 1000 if not quick else 300, 10 if not quick else 5, report)
     print("scenario 12: a scheduling pass with 1,000 pending on 100 nodes (cm only)")
     scheduling_passes(10 if quick else 30, report)
+    print("scenario 13: accounting over 20,000 jobs of a day (cm only)")
+    accounting(20000, 3 if quick else 5, report)
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = os.path.join(args.out, f"{stamp}{'-quick' if quick else ''}.json")

@@ -227,6 +227,41 @@ def test_a_users_job_writes_its_logs_on_the_shared_home_owned_by_the_user(cc):
     assert os.stat(cc.home("cmlogs")).st_uid == UID
 
 
+RECEIVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with open(sys.argv[1], "ab") as f:
+            f.write(body + b"\\n")
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", 9977), H).serve_forever()
+"""
+
+
+def test_a_users_jobs_are_in_cmacct_and_a_webhook_hears_of_each_end(cc):
+    # A receiver in the head's container (where the head posts from), as the user.
+    cc.ok(f"cat > receiver.py <<'EOF'\n{RECEIVER}\nEOF\n(nohup python3 receiver.py got.jsonl >/dev/null 2>&1 &)")
+    wait_until(lambda: cc.run("python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 9977))'")[0] == 0,
+               30, "the receiver")
+    ok = int(cc.ok("cmrun --wait --notify http://127.0.0.1:9977/hook -J good true").split()[-1])
+    code, out = cc.run("cmrun --wait --notify http://127.0.0.1:9977/hook -J bad false")
+    bad = int(out.split()[0])
+    got = wait_until(lambda: (lines := cc.run("cat got.jsonl")[1].splitlines()) and len(lines) >= 2 and lines,
+                     30, "two notifications")
+    messages = [json.loads(line) for line in got]
+    texts = sorted(m["content"] for m in messages)
+    assert any(t.startswith(f"job {ok} (good) of {USER} COMPLETED in 0:00") for t in texts)
+    assert any(t.startswith(f"job {bad} (bad) of {USER} FAILED") and t.endswith("exit 1") for t in texts)
+    assert all(m["text"] == m["content"] and m["job"]["user"] == USER for m in messages)
+    jobs = json.loads(cc.ok(f"cmacct --json -j {ok},{bad}"))["jobs"]
+    assert [(j["id"], j["state"]) for j in jobs] == [(ok, "COMPLETED"), (bad, "FAILED")]
+    assert USER in cc.ok("cmacct --summary --by user")
+
+
 def test_cmkill_ends_a_running_job_cancelled(cc):
     job_id = int(cc.ok("cmrun -n 2 sleep 300").strip())
     cc.wait_state(job_id, "RUNNING")

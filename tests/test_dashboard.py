@@ -52,6 +52,7 @@ def test_every_api_endpoint_answers_with_the_cluster_as_it_is(dash):
     assert all(n["heard_ago"] is not None and n["heard_ago"] < 5 for n in nodes)
     jobs = api(c, "/api/jobs")["jobs"]
     assert [(j["id"], j["name"], j["state"]) for j in jobs] == [(job, "dash-test", "RUNNING")]
+    assert "argv" not in jobs[0] and "workdir" not in jobs[0]     # the page shows neither
     assert api(c, "/api/jobs?state=PENDING")["jobs"] == []
     where = c.job(job)["node_list"][0]
     node = api(c, f"/api/node/{where}")
@@ -104,6 +105,10 @@ def test_bad_requests_are_refused_and_change_nothing(dash):
         if status == 400:
             error = json.loads(body)["error"]
             assert error and "\n" not in error
+    rebound = urllib.request.Request(c.url + "api/nodes", headers={"Host": "evil.example:8080"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(rebound, timeout=10)
+    assert refused.value.code == 400 and b"dashboard_hosts" in refused.value.read()
     request = urllib.request.Request(c.url + "api/nodes", data=b"{}", method="POST")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)

@@ -141,6 +141,9 @@ class FakeGroup:
     def out_of_memory(self):
         return False
 
+    def peak_mem_mb(self):
+        return None
+
     def remove(self):
         return True
 

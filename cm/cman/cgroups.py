@@ -175,6 +175,15 @@ class JobGroup:
             return _counter(os.path.join(self.dirs[""], "memory.events"), "oom_kill") > 0
         return self.oom_kills() > self.oom_kills_before
 
+    def peak_mem_mb(self):
+        """The most memory the job's processes here have held at once (MiB), or None."""
+        if self.version == 2:
+            peak = _read(os.path.join(self.dirs[""], "memory.peak"))
+        else:
+            memory = self.dirs.get("memory")
+            peak = _read(os.path.join(memory, "memory.max_usage_in_bytes")) if memory else ""
+        return int(peak) // 2**20 if peak and peak.strip().isdigit() else None
+
     def oom_kills(self):
         memory = self.dirs.get("memory")
         return _counter(os.path.join(memory, "memory.oom_control"), "oom_kill") if memory else 0
@@ -259,6 +268,9 @@ class CgroupV1:
         if group is not None:
             try:
                 self._set_limits(group, cpus, mem_mb)
+                memory = group.dirs.get("memory")
+                if memory:                # the peak is this job's, not the last one's
+                    _write(os.path.join(memory, "memory.max_usage_in_bytes"), "0")
                 return group
             except OSError as e:          # memory charged to it that the kernel cannot reclaim, say
                 log.warning("cannot set the limits of reused cgroup %s (%s); making another", leaf, e.strerror)

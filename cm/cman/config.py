@@ -100,6 +100,15 @@ def _gpus(text):
     return value
 
 
+def _urls(text):
+    """Notification URLs, comma-separated (none: empty); each http or https."""
+    from .urls import check_url
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if any(check_url(u) for u in urls):
+        raise ValueError
+    return urls
+
+
 def _level(text):
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError
@@ -137,6 +146,9 @@ SCHEMA = {
     "metrics_interval": SECONDS,
     "dashboard_bind": (_text, "an address such as 127.0.0.1 or 0.0.0.0"),
     "dashboard_port": (_port, "a port number from 1 to 65535"),
+    "dashboard_hosts": (_text, "host names, comma-separated, or *"),
+    "notify_urls": (_urls, "http:// or https:// URLs, comma-separated, or nothing"),
+    "notify_retry_for": SECONDS,
     "work_filesystem": (_optional_path, "an absolute path, or nothing"),
     "ended_jobs_in_memory": (_count(0), "a whole number >= 0"),
     "max_active_jobs_per_user": (_count(0), "a whole number >= 0 (0: no limit)"),

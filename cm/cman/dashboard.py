@@ -41,6 +41,11 @@ CHART_JS = ("/usr/share/javascript/chart.js/chart.umd.min.js", "/usr/share/javas
             "/usr/share/javascript/chart.js/Chart.min.js")
 STATIC_FILES = {"app.js": "application/javascript", "style.css": "text/css"}
 CACHE_SECONDS = 0.5
+ASKING = 4                                # questions to the head at once
+MAX_CONNECTIONS = 64                      # browser connections served at once; more wait
+ROUND = 10.0                              # seconds history ranges are rounded to (one cached answer)
+# What a job's view loses here: the page shows none of it, and the dashboard may be published.
+PRIVATE_FIELDS = ("argv", "workdir", "uid", "gid", "seal", "request_id", "dependency", "array_state")
 RANGES = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}
 NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 JOB_REF = re.compile(r"[0-9]{1,16}(_[0-9]{1,16})?")
@@ -56,28 +61,35 @@ class NotFound(LookupError):
 
 
 class Head:
-    """The head, asked over its socket, with a short cache per question."""
+    """The head, asked over its socket, with a short cache per question and at most
+    ASKING questions at once, however many browsers ask."""
 
     def __init__(self, settings):
         self.settings = settings
         self.cache, self.lock = {}, threading.Lock()
+        self.asking = threading.BoundedSemaphore(ASKING)
 
-    def ask(self, op, **fields):
+    def ask(self, op, keep=CACHE_SECONDS, **fields):
         key = json.dumps([op, fields], sort_keys=True)
         now = time.monotonic()
         with self.lock:
             hit = self.cache.get(key)
-            if hit and now - hit[0] < CACHE_SECONDS:
+            if hit and now - hit[0] < keep:
                 return hit[1]
-        try:
-            reply = request(self.settings, op, **fields)
-        except CliError as e:
-            if getattr(e, "usage", False):
-                raise BadRequest(str(e)) from None
-            raise
+        with self.asking:
+            with self.lock:               # asked meanwhile by another thread: its answer
+                hit = self.cache.get(key)
+                if hit and time.monotonic() - hit[0] < keep:
+                    return hit[1]
+            try:
+                reply = request(self.settings, op, **fields)
+            except CliError as e:
+                if getattr(e, "usage", False):
+                    raise BadRequest(str(e)) from None
+                raise
         with self.lock:
-            self.cache[key] = (now, reply)
-            if len(self.cache) > 256:
+            self.cache[key] = (time.monotonic(), reply)
+            if len(self.cache) > 64:
                 self.cache.clear()
         return reply
 
@@ -133,7 +145,12 @@ def api_jobs(head, query):
         raise BadRequest(f"state: want PENDING or RUNNING, got {state[:40]!r}")
     user = one(query, "user")
     jobs = head.ask(Op.INFO, jobs=True)["jobs"]
-    return {"jobs": [j for j in jobs if (state is None or j["state"] == state) and (user is None or j["user"] == user)]}
+    return {"jobs": [public(j) for j in jobs
+                     if (state is None or j["state"] == state) and (user is None or j["user"] == user)]}
+
+
+def public(job):
+    return {k: v for k, v in job.items() if k not in PRIVATE_FIELDS}
 
 
 def api_node(head, query, name):
@@ -143,7 +160,7 @@ def api_node(head, query, name):
     node = next((n for n in head.ask(Op.INFO, nodes=True)["nodes"] if n["name"] == name), None)
     if node is None:
         raise NotFound(name)
-    jobs = [j for j in head.ask(Op.INFO, jobs=True)["jobs"] if name in j.get("node_list", ())]
+    jobs = [public(j) for j in head.ask(Op.INFO, jobs=True)["jobs"] if name in j.get("node_list", ())]
     events = head.ask(Op.EVENTS, node=name, limit=50)["events"]
     return {"node": node, "jobs": jobs, "events": events}
 
@@ -153,10 +170,11 @@ def history_range(query, now):
     if range_name is not None and range_name not in RANGES:
         raise BadRequest(f"range: want {', '.join(RANGES)}, got {range_name[:40]!r}")
     until = number(query, "until", now)
-    since = number(query, "since", until - RANGES[range_name or "1h"])
+    since = number(query, "since", max(0.0, until - RANGES[range_name or "1h"]))
     if since > until:
         raise BadRequest("since is after until")
-    return since, until
+    # Rounded, so that every open page asks the head the same question (one cached answer).
+    return since // ROUND * ROUND, -(-until // ROUND) * ROUND
 
 
 def api_history(head, query):
@@ -206,11 +224,14 @@ def api_users(head, query):
             u["cpus"] += j["ntasks"] * j["cpus_per_proc"]
         else:
             u["pending"] += 1
-    now = time.time()
-    history = head.ask(Op.HISTORY, since=now - 86400, until=now, resolution="5m")["samples"]
-    history = history or head.ask(Op.HISTORY, since=now - 86400, until=now, resolution="full")["samples"]
+    now = time.time() // 60 * 60
+    history = head.ask(Op.HISTORY, keep=60, since=now - 86400, until=now, resolution="5m")["samples"]
+    step = 300.0
+    if not history:                       # younger than the first 5-minute mean
+        history = head.ask(Op.HISTORY, keep=60, since=now - 86400, until=now, resolution="full")["samples"]
+        step = 60.0
     for prev, sample in zip(history, history[1:]):
-        span = (sample["t"] - prev["t"]) / 3600
+        span = min(sample["t"] - prev["t"], 2 * step) / 3600     # a gap (the head was away) counts little
         for u in sample["cluster"]["users"]:
             row = users.setdefault(u["user"], {"user": u["user"], "running": 0, "pending": 0, "cpus": 0,
                                                "cpu_hours_24h": 0.0})
@@ -250,7 +271,8 @@ def prometheus(head):
            [({}, sum(n["mem_mb"] for n in nodes if n["state"] == "UP") * 2**20)])
     metric("cm_memory_allocated_bytes", "gauge", "Memory allocated to jobs.",
            [({}, sum(n["alloc_mem_mb"] for n in nodes) * 2**20)])
-    metric("cm_gpus", "gauge", "GPUs of the nodes that are up.", [({}, sum(n.get("gpus", 0) for n in nodes))])
+    metric("cm_gpus", "gauge", "GPUs of the nodes that are up.",
+           [({}, sum(n.get("gpus", 0) for n in nodes if n["state"] == "UP"))])
     metric("cm_gpus_allocated", "gauge", "GPUs allocated to jobs.", [({}, sum(n.get("alloc_gpus", 0) for n in nodes))])
     metric("cm_jobs", "gauge", "Live jobs by state.",
            [({"state": s}, sum(1 for j in jobs if j["state"] == s)) for s in sorted(JobState.ACTIVE)])
@@ -289,6 +311,7 @@ def escape(value):
 class Handler(BaseHTTPRequestHandler):
     server_version = "cm-dashboard"
     head = None                           # set by serve()
+    hosts = ("*",)                        # Host header values served (serve() sets them)
     timeout = 30                          # seconds a stalled connection may hold its thread
 
     def log_message(self, form, *args):   # to our log, not stderr
@@ -299,6 +322,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         try:
+            self.check_host()
             status, kind, body = self.route()
         except BadRequest as e:
             status, kind, body = 400, "application/json", json.dumps({"error": str(e)})
@@ -318,6 +342,17 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def check_host(self):
+        """A Host the dashboard is known by (DNS rebinding: a page elsewhere that names this
+        address under its own name gets 400)."""
+        allowed = self.hosts
+        if "*" in allowed:
+            return
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+        if name not in allowed:
+            raise BadRequest(f"Host {host[:80]!r} is not one this dashboard serves (the dashboard_hosts setting)")
 
     def refuse(self):
         data = json.dumps({"error": "the dashboard is read-only: GET only"}).encode()
@@ -353,6 +388,29 @@ class Handler(BaseHTTPRequestHandler):
         return 200, "application/json", json.dumps(handler(self.head, query))
 
 
+class BoundedServer(ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS connections served at once: the next wait to be accepted."""
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        self.slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
 def read_static(name):
     with open(os.path.join(STATIC, name), "rb") as f:
         return f.read()
@@ -374,7 +432,8 @@ def serve(settings, bind, port, ready=None):
     """Serve until SIGTERM or SIGINT. ready(port) is called once listening."""
     import signal
     Handler.head = Head(settings)
-    server = ThreadingHTTPServer((bind, port), Handler)
+    Handler.hosts = tuple(h.strip().lower() for h in settings.dashboard_hosts.split(",") if h.strip()) or ("*",)
+    server = BoundedServer((bind, port), Handler)
     server.daemon_threads = True
     log.info("dashboard on http://%s:%d/ (asking the head at %s)", bind, server.server_address[1], settings.socket)
 

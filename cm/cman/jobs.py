@@ -29,14 +29,15 @@ STORED_FIELDS = (
     "submit_time", "start_time", "end_time", "state", "reason",
     "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate", "seal",
     "script", "held", "dependency", "kill_on_invalid_dep", "array", "array_state", "array_id", "array_task",
-    "task_count", "task_layout", "gpus_per_node", "gpus_per_proc", "gpu_list",
+    "task_count", "task_layout", "gpus_per_node", "gpus_per_proc", "gpu_list", "cpu_time", "peak_mem_mb",
+    "notify", "notify_on",
 )
 
 
 # What an array's element has of its template (the rest is its own).
 INHERITED_FIELDS = ("name", "user", "uid", "gid", "argv", "workdir", "env", "nodes", "procs_per_node",
                     "cpus_per_proc", "mem_mb", "time_limit", "retries", "submit_time", "script",
-                    "task_count", "gpus_per_node", "gpus_per_proc")
+                    "task_count", "gpus_per_node", "gpus_per_proc", "notify", "notify_on")
 
 
 # What the journal keeps of a live element: its own fields (its template keeps the rest).
@@ -70,6 +71,9 @@ class Job:
         self.task_count = None         # --ntasks T: T processes wherever there is room (else -n x -p)
         self.task_layout = []          # ... and, once placed, its processes on each node of node_list
         self.gpus_per_node = self.gpus_per_proc = 0   # GPUs asked (the second: per process)
+        self.notify, self.notify_on = [], None   # URLs told of its start or end (notify.py), and when
+        self.cpu_time = 0.0            # CPU seconds its tasks used (this attempt), as the nodes reported
+        self.peak_mem_mb = 0           # the most memory it held on one node (MiB)
         self.gpu_list = []             # once placed: the GPU indices it holds on each node of node_list,
                                        # as text ("0,1"): the database may not nest lists
         self.fate = None               # what ends a RUNNING job (a JobState, or REQUEUE); stored, so a
@@ -77,6 +81,7 @@ class Job:
         self.task_layout = self.task_layout or []      # absent from records of before --ntasks
         self.gpu_list = self.gpu_list or []
         self.gpus_per_node, self.gpus_per_proc = self.gpus_per_node or 0, self.gpus_per_proc or 0
+        self.cpu_time, self.peak_mem_mb = self.cpu_time or 0.0, self.peak_mem_mb or 0
         if self.array is not None:     # a template: its task ids, and its elements in memory
             self.tasks = arrays.tasks_of(self.array)
             self.elements = set()
@@ -138,6 +143,7 @@ class Job:
         out["nodes"] = self.node_count
         out["gpu_list"] = [gpu_indices(g) for g in self.gpu_list]
         out["gpus"] = sum(len(g) for g in out["gpu_list"])
+        out.update(self.usage(now))
         if self.array is not None:
             state = self.array_state
             out["array"] = {"count": self.array["count"], "limit": self.array["limit"], "ended": dict(state["ended"]),
@@ -145,6 +151,21 @@ class Job:
                             "pending_count": arrays.unsplit_count(state), "tasks": arrays.fold(self.tasks)}
             del out["array_state"]
         return out
+
+    def allocated_cpus(self):
+        return sum(self.procs_on(i) for i in range(len(self.node_list))) * self.cpus_per_proc
+
+    def usage(self, now):
+        """Accounting figures: wait, CPUs and CPU-hours allocated, CPU time used, efficiency
+        (used over allocated), peak memory on one node, GPU-hours."""
+        run = max(0.0, (self.end_time or now) - self.start_time) if self.start_time is not None else 0.0
+        cpus = self.allocated_cpus()
+        gpus = sum(len(gpu_indices(g)) for g in self.gpu_list)
+        wait = max(0.0, (self.start_time or (self.end_time if self.end_time else now)) - self.submit_time)
+        return {"wait": round(wait, 3), "cpus": cpus, "cpu_hours": round(cpus * run / 3600, 6),
+                "cpu_time": round(self.cpu_time, 3),
+                "efficiency": round(self.cpu_time / (cpus * run), 4) if cpus and run else None,
+                "peak_mem_mb": self.peak_mem_mb, "gpu_hours": round(gpus * run / 3600, 6)}
 
     @property
     def is_array(self):
@@ -190,8 +211,9 @@ def transition(job, new_state, now, reason=""):
         job.start_time, job.end_time = now, None
         job.exit_code, job.exit_signal, job.ended_ranks = 0, None, []
         job.outstanding = job.unended_ranks_by_node()
+        job.cpu_time, job.peak_mem_mb = 0.0, 0
         return {"state", "reason", "start_time", "end_time", "exit_code", "exit_signal", "ended_ranks", "node_list",
-                "attempt", "task_layout", "gpu_list"}
+                "attempt", "task_layout", "gpu_list", "cpu_time", "peak_mem_mb"}
     if new_state == JobState.PENDING:
         # RUNNING -> PENDING: requeued after losing a node; it runs again as a new attempt.
         job.attempt += 1
@@ -207,12 +229,16 @@ def transition(job, new_state, now, reason=""):
     return {"state", "reason", "end_time", "exit_code", "exit_signal", "ended_ranks"}
 
 
-def record_task_end(job, node, rank, cause, exit_code, signal):
+def record_task_end(job, node, rank, cause, exit_code, signal, usage=None):
     """Fold one task's end into the job. Returns False if the job was not
-    waiting for it (a stale or repeated report)."""
+    waiting for it (a stale or repeated report). usage: the report's cpu_time,
+    max_rss_mb and node_peak_mem_mb, where it has them."""
     ranks = job.outstanding.get(node)
     if not ranks or rank not in ranks:
         return False
+    if usage:
+        job.cpu_time += usage.get("cpu_time") or 0.0
+        job.peak_mem_mb = max(job.peak_mem_mb, usage.get("node_peak_mem_mb") or 0, usage.get("max_rss_mb") or 0)
     ranks.discard(rank)
     if not ranks:
         del job.outstanding[node]

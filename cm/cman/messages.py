@@ -9,7 +9,7 @@ or evaluated.
 import json
 import re
 
-from .vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, EndCause, Op
+from .vocab import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, EndCause, JobState, Op
 
 
 class BadMessage(ValueError):
@@ -168,7 +168,11 @@ TASK_END = Record({
     "exit_code": Maybe(EXIT_CODE),
     "signal": Maybe(SIGNAL),
     "message": Str(1000, empty=True),
-})
+    # What it used: CPU seconds (its own and its waited-for children's), its largest
+    # resident set (MiB); with its job's last task on the node, the peak of the job's
+    # cgroup there (MiB), the whole process tree's.
+    "cpu_time": Float(0, 1e12), "max_rss_mb": Int(0, 2**40), "node_peak_mem_mb": Int(0, 2**40),
+}, optional=("cpu_time", "max_rss_mb", "node_peak_mem_mb"))
 
 
 def task_end(key, cause, exit_code=None, signal=None, message=""):
@@ -316,17 +320,19 @@ class Submit(Message):
         "array": Str(10000),              # an array's spec (arrays.py): one submission, its elements
         "ntasks": Int(1, 10**6),          # processes wherever there is room (instead of nodes x procs_per_node)
         "gpus_per_node": Int(0, 1024), "gpus_per_proc": Int(0, 1024),
+        "notify": List(Str(2048), min_len=1, max_len=8), "notify_on": OneOf("end", "fail", "start", "all"),
     }
     OPTIONAL = ("nodes", "procs_per_node", "cpus_per_proc", "mem_mb", "time_limit", "name", "retries", "wait",
                 "script", "hold", "dependency", "kill_on_invalid_dep", "array", "ntasks", "gpus_per_node",
-                "gpus_per_proc")
+                "gpus_per_proc", "notify", "notify_on")
 
 
 class Info(Message):
     """CLI -> head: nodes and/or jobs, for cminfo."""
     OP = Op.INFO
     FIELDS = {"nodes": Bool(), "jobs": Bool(), "all": Bool(), "job_ids": List(JOB_REF, max_len=10000),
-              "limit": Int(1, 10000)}
+              "limit": Int(1, 10000),
+              "ended_since": Float(0, 1e11)}      # also the jobs that ended since then (those in memory)
     OPTIONAL = tuple(FIELDS)
 
 
@@ -395,7 +401,7 @@ class Submitted(Reply):
 class InfoReply(Reply):
     """Nodes and jobs as cminfo shows them; missing: asked-for ids that no job has;
     insecure: the head runs without keys (anyone who reaches its port may be a node)."""
-    FIELDS = ("nodes", "jobs", "missing", "insecure")
+    FIELDS = ("nodes", "jobs", "missing", "insecure", "ended")
 
 
 class Cancelled(Reply):
@@ -464,6 +470,22 @@ class History(Message):
     OPTIONAL = ("until", "resolution", "node", "detail")
 
 
+class Acct(Message):
+    """CLI -> head: accounting records of jobs that ended from since to until (cmacct), of
+    these users, jobs (ids, or "12_7"), states and names."""
+    OP = Op.ACCT
+    FIELDS = {"since": Float(0, 1e11), "until": Float(0, 1e11), "users": List(Str(256), max_len=1000),
+              "jobs": List(JOB_REF, max_len=10000), "states": List(OneOf(*sorted(JobState.FINAL)), max_len=16),
+              "names": List(Str(256), max_len=1000),
+              "fields": List(Str(32, r"[a-z_]+"), min_len=1, max_len=64)}    # only these (default: all)
+    OPTIONAL = ("users", "jobs", "states", "names", "fields")
+
+
+class AcctReply(Reply):
+    """fields: the names of each row's values, in order; rows: one per job, oldest end first."""
+    FIELDS = ("fields", "rows")
+
+
 class Stats(Message):
     """CLI -> head: the head's own figures (Prometheus): submit -> start latencies, passes, backlog."""
     OP = Op.STATS
@@ -471,7 +493,7 @@ class Stats(Message):
 
 
 CLI_TO_HEAD = {m.OP: m for m in (Submit, Info, Cancel, Wait, Hold, Release, Drain, Resume, NodeDown, Events,
-                                 History, Stats)}
+                                 History, Stats, Acct)}
 
 
 def launch_bytes(argv, env, workdir, nodes, script=""):

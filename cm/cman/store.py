@@ -29,8 +29,13 @@ Snapshot documents: {"t": "job", "id": N, "f": {fields}} and {"t": "meta", "next
 
     events_<D>      what happened (head/events.py), appended, one collection per UTC day D
     metrics_<D>     the cluster's samples every metrics_interval (head/metrics.py), per day;
-                    days older than METRICS_DAYS are dropped whole (no TTL index needed)
-    metrics5m_<D>   their 5-minute means, kept for METRICS5M_DAYS
+                    kept 2 days (APPENDED), older days dropped whole (no TTL index needed)
+    metrics5m_<D>   their 5-minute means, kept 31 days
+    acct_<H>        ended jobs' accounting records (cmacct), by the UTC hour H they ended
+                    (YYYYMMDDHH): each document a batch of them as JSON text ({"t", "t_last",
+                    "n", "rows"}), which FerretDB reads some fifteen times faster than as many
+                    documents; an hour that has passed is read once and then kept in memory
+                    (the latest PACKED_CACHE hours), until a late batch is appended to it
 """
 import logging
 import time
@@ -45,7 +50,7 @@ log = logging.getLogger("cm.store")
 
 StoreError = pymongo.errors.PyMongoError
 # Appended kinds, and the UTC days of them kept (None: all).
-APPENDED = {"events": None, "metrics": 2, "metrics5m": 31}
+APPENDED = {"events": None, "metrics": 2, "metrics5m": 31, "acct": None}
 DAY = 86400
 HISTORY_BUCKET = 1000
 DUPLICATE_KEY = 11000
@@ -95,6 +100,10 @@ class JobDoc(me.EmbeddedDocument):
     gpus_per_node = me.IntField(min_value=0, null=True)
     gpus_per_proc = me.IntField(min_value=0, null=True)
     gpu_list = me.ListField(me.StringField())              # once placed: GPUs on each node ("0,1")
+    cpu_time = me.FloatField(null=True)                    # CPU seconds its tasks used
+    peak_mem_mb = me.IntField(null=True)                   # the most memory it held on one node
+    notify = me.ListField(me.StringField(max_length=2048)) # URLs told of its start or end
+    notify_on = me.StringField(null=True)                  # end (default), fail, start or all
 
 
 def check_job(fields):
@@ -153,17 +162,12 @@ def day_of(t):
     return time.strftime("%Y%m%d", time.gmtime(t))
 
 
-def days_between(since, until):
-    """The day collections' suffixes from since to until, newest first."""
-    out, t = [], until
-    while t >= since - DAY:
-        day = day_of(t)
-        if day_of(since) > day:
-            break
-        if not out or out[-1] != day:
-            out.append(day)
-        t -= DAY
-    return out
+def hour_of(t):
+    return time.strftime("%Y%m%d%H", time.gmtime(t))
+
+
+# Hours of accounting records kept decoded in memory (a day of 20,000 jobs: some 20 MB).
+PACKED_CACHE = 48
 
 
 class Appends:
@@ -177,6 +181,51 @@ class Appends:
             by_day.setdefault(day_of(doc["t"]), []).append(doc)
         for day, group in sorted(by_day.items()):
             _insert_all(self.db[f"{kind}_{day}"], group)
+
+    def append_packed(self, kind, docs):
+        """Append documents (each with its "t") as one text document per day: {"_id", "t",
+        "t_last", "n", "rows": their JSON}. A batch applied again is stored once (its _id
+        is its first and last ids and its count); one recomposed on a retry may be stored
+        twice, and find_packed keeps one record of an id."""
+        import json
+        by_day = {}
+        for doc in docs:
+            by_day.setdefault(hour_of(doc["t"]), []).append(doc)
+        for day, group in sorted(by_day.items()):
+            packed = {"_id": f"{group[0]['_id']}-{group[-1]['_id']}-{len(group)}", "t": min(d["t"] for d in group),
+                      "t_last": max(d["t"] for d in group), "n": len(group),
+                      "rows": json.dumps(group, separators=(",", ":"), ensure_ascii=False)}
+            _insert_all(self.db[f"{kind}_{day}"], [packed])
+            # A late batch (the database was away past its hour): that hour is read again.
+            self.__dict__.get("packed_cache", {}).pop(f"{kind}_{day}", None)
+
+    def find_packed(self, kind, since, until):
+        """The documents append_packed stored with since <= t <= until, in order of t, one per _id."""
+        first, last = hour_of(max(0.0, since)), hour_of(min(until, 4e10))
+        hours = sorted(name.rpartition("_")[2] for name in self.db.list_collection_names()
+                       if name.rpartition("_")[0] == kind and first <= name.rpartition("_")[2] <= last)
+        seen, found = set(), []
+        for hour in hours:
+            for doc in self._packed_hour(f"{kind}_{hour}", hour == hour_of(time.time())):
+                if since <= doc["t"] <= until and doc["_id"] not in seen:
+                    seen.add(doc["_id"])
+                    found.append(doc)
+        found.sort(key=lambda d: (d["t"], d["_id"]))
+        return found
+
+    def _packed_hour(self, name, current):
+        """Every record of one hour's collection: from memory for an hour that has passed and
+        whose count of documents has not changed since it was read (a late batch changes it)."""
+        import json
+        cache = self.__dict__.setdefault("packed_cache", {})
+        if not current and name in cache:
+            return cache[name]
+        rows = [doc for packed in self.db[name].find({}) for doc in json.loads(packed["rows"])]
+        if not current:
+            cache[name] = rows
+            while len(cache) > PACKED_CACHE:
+                cache.pop(min(cache), None)   # the oldest hour
+        return rows
 
     def drop_old(self, kind, now):
         """Drop the day collections of a kind older than it keeps."""
@@ -192,18 +241,21 @@ class Appends:
                 dropped.append(name)
         return dropped
 
-    def find_appended(self, kind, since, until, query=None, limit=1000, newest_first=True):
+    def find_appended(self, kind, since, until, query=None, limit=1000, newest_first=True, projection=None):
         """Documents of a kind with since <= t <= until that match query, at most limit,
         newest first (or oldest first); reads the day collections of the range only."""
-        days = days_between(since, until)
-        if not newest_first:
-            days.reverse()
+        first, last = day_of(max(0.0, since)), day_of(min(until, 4e10))
+        # The days there are (one listing), not every day of the range: a range of years costs
+        # what the days that have documents cost.
+        days = sorted((name.rpartition("_")[2] for name in self.db.list_collection_names()
+                       if name.rpartition("_")[0] == kind and first <= name.rpartition("_")[2] <= last),
+                      reverse=newest_first)
         found = []
         selector = {"t": {"$gte": since, "$lte": until}, **(query or {})}
+        order = -1 if newest_first else 1         # ids rise with time
         for day in days:
-            docs = list(self.db[f"{kind}_{day}"].find(selector))
-            docs.sort(key=lambda d: d["_id"], reverse=newest_first)
-            found.extend(docs[:limit - len(found)])
+            cursor = self.db[f"{kind}_{day}"].find(selector, projection=projection)
+            found.extend(cursor.sort("_id", order).limit(limit - len(found)))
             if len(found) >= limit:
                 break
         return found

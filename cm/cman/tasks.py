@@ -368,16 +368,17 @@ class Runner:
     # ---- reap ----
 
     def _exits(self):
-        """(pid, wait status) of our children that have ended: tasks, and orphans of tasks."""
+        """(pid, wait status, resource usage) of our children that have ended: tasks, and
+        orphans of tasks."""
         exits = []
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
-            exits.append((pid, status))
+            exits.append((pid, status, usage))
         return exits
 
     def reap(self):
@@ -385,7 +386,7 @@ class Runner:
         reports = []
         if self.unremoved:
             self.remove_leftovers(self.clock())
-        for pid, status in self._exits():
+        for pid, status, usage in self._exits():
             task = self.by_pid.pop(pid, None)
             if task is None:
                 continue
@@ -413,8 +414,17 @@ class Runner:
             if cause == EndCause.EXITED and group is not None and group.out_of_memory():
                 cause = EndCause.OUT_OF_MEMORY
                 task.stop_message = "the kernel killed a process of the job for going over its memory (--mem)"
+            report = task_end(task.key, cause, exit_code, sig, task.stop_message)
+            # What it used: its CPU time and largest process, and, as the job's last task here,
+            # the peak of the job's cgroup on this node (every process of it, exited ones too).
+            report["cpu_time"] = round(usage.ru_utime + usage.ru_stime, 3)
+            report["max_rss_mb"] = usage.ru_maxrss // 1024
+            if job_cgroup_goes and group is not None:
+                peak = group.peak_mem_mb()
+                if peak is not None:
+                    report["node_peak_mem_mb"] = peak
             self._release_if_done(*task.key[:2])
-            reports.append(task_end(task.key, cause, exit_code, sig, task.stop_message))
+            reports.append(report)
             log.debug("job %d rank %d ended: %s, exit %s, signal %s", task.key[0], task.key[2], cause, exit_code, sig)
         return reports
 

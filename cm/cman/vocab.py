@@ -97,6 +97,7 @@ class Op:
     EVENTS = "events"
     HISTORY = "history"
     STATS = "stats"
+    ACCT = "acct"
 
 
 class Exit:

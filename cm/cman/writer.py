@@ -42,6 +42,8 @@ RETRY_FIRST, RETRY_MAX = 0.05, 2.0
 # Ops applied together: journal records in one insert, ended jobs in one more, node changes.
 BATCHED = frozenset({"update_job", "end_job", "void_job", "save_node", "delete_node", "barrier", "append"})
 BATCH_MAX = 5000
+# Appended kinds stored as text, a batch a document (store.append_packed): read in bulk.
+PACKED = frozenset({"acct"})
 # The journal is compacted once it has this many records and twice as many as there are live jobs.
 COMPACT_MIN = 2000
 
@@ -284,7 +286,8 @@ class Writer(Worker):
             if op.method == "append":
                 by_kind.setdefault(op.args[0], []).append(op)
         for kind, ops in sorted(by_kind.items()):
-            error = self._each(ops, lambda ops: self.store.append_docs(kind, [op.args[1] for op in ops]))
+            write = self.store.append_packed if kind in PACKED else self.store.append_docs
+            error = self._each(ops, lambda ops: write(kind, [op.args[1] for op in ops]))
             if error is not None:
                 return error
             self._drop_old_days(kind, ops[-1].args[1]["t"])

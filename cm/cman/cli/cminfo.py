@@ -6,6 +6,7 @@
     cminfo -j 12           an array: its elements not started (12_[5-999]) and the others
     cminfo -j 12_7         one element of array 12
     cminfo --start         the pending jobs, each with when it should start and where (squeue --start)
+    cminfo --summary       the cluster in a few sentences, to paste into a chat
     cminfo --events        what happened, newest first: nodes up and down, jobs started, ended ...
     cminfo --events --since 2h --node node1 -j 7 --limit 20 --json
 
@@ -39,6 +40,9 @@ def parser():
                    help="only these jobs (repeat, or separate with commas)")
     p.add_argument("--start", action="store_true",
                    help="only the pending jobs, with their expected start times and nodes (as squeue --start)")
+    p.add_argument("--summary", action="store_true",
+                   help="the cluster in a few plain sentences: nodes, CPUs in use and by whom, pending jobs and "
+                        "why, failures in the last hour, the longest wait")
     p.add_argument("--events", action="store_true",
                    help="what happened, newest first: nodes registered, up, down, drained; jobs submitted, started, "
                         "ended, requeued, cancelled (with -j, --node, --since, --until, --limit)")
@@ -96,6 +100,48 @@ def show_events(args, settings):
     return Exit.OK
 
 
+def plural_of(count, one, many=None):
+    return f"{count} {one if count == 1 else (many or one + 's')}"
+
+
+def summary_text(nodes, jobs, ended, now):
+    """A few sentences a person can paste into a chat; the same data, the same text."""
+    up = [n for n in nodes if n["state"] == "UP"]
+    out = [f"{len(up)} of {plural_of(len(nodes), 'node')} {'is' if len(up) == 1 else 'are'} up"
+           + (f" ({', '.join(n['name'] for n in nodes if n['state'] != 'UP')} down)." if len(up) < len(nodes) else ".")]
+    cpus = sum(n["cpus"] for n in up)
+    alloc = sum(n["alloc_cpus"] for n in up)
+    by_user = {}
+    for j in jobs:
+        if j["state"] == "RUNNING":
+            by_user[j["user"]] = by_user.get(j["user"], 0) + j.get("cpus", 0)
+    users = ", ".join(f"{u} {c}" for u, c in sorted(by_user.items(), key=lambda kv: (-kv[1], kv[0])))
+    out.append(f"{alloc} of {plural_of(cpus, 'CPU')} {'is' if alloc == 1 else 'are'} in use"
+               + (f": {users}." if users else "."))
+    pending = [j for j in jobs if j["state"] == "PENDING"]
+    if pending:
+        reasons = {}
+        for j in pending:
+            reasons[j["reason"] or "none given"] = reasons.get(j["reason"] or "none given", 0) + 1
+        reason, count = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        out.append(f"{plural_of(len(pending), 'job')} {'is' if len(pending) == 1 else 'are'} pending, "
+                   f"{count} of them for {reason}.")
+    else:
+        out.append("No job is pending.")
+    failed = [j for j in ended if j["state"] in ("FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")]
+    if failed:
+        shown = ", ".join(f"{job_label(j)} ({j['name'][:20]}) of {j['user']} {j['state']}" for j in failed[:5])
+        more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+        out.append(f"In the last hour {plural_of(len(failed), 'job')} failed or timed out: {shown}{more}.")
+    else:
+        out.append("No job failed or timed out in the last hour.")
+    if pending:
+        oldest = min(pending, key=lambda j: (j["submit_time"], j["id"]))
+        out.append(f"The longest-waiting job is {job_label(oldest)} ({oldest['name'][:20]}) of {oldest['user']}, "
+                   f"pending for {units.format_duration(int(now - oldest['submit_time']))}.")
+    return " ".join(printable(s) for s in out)
+
+
 def job_ids(texts):
     try:
         return common_job_ids([part.strip() for text in texts for part in text.split(",")])
@@ -116,7 +162,14 @@ def job_label(j):
     return j["id"]
 
 
+def printable(value):
+    """Text for a terminal: control characters (a job name's escape sequences) shown as '?'."""
+    text = str(value)
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 def table(rows, headers):
+    rows = [[printable(c) for c in row] for row in rows]
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows])
 
@@ -199,6 +252,16 @@ def job_lines(jobs, now):
 
 
 def main(args):
+    if args.summary:
+        if args.start or args.nodes or args.jobs or args.all or args.events or args.job:
+            raise UsageError("--summary stands alone")
+        now = time.time()
+        reply = request(config.load(), Op.INFO, nodes=True, jobs=True, ended_since=now - 3600)
+        if args.json:
+            print(json.dumps({"summary": summary_text(reply["nodes"], reply["jobs"], reply["ended"], now)}))
+        else:
+            print(summary_text(reply["nodes"], reply["jobs"], reply["ended"], now))
+        return Exit.OK
     if args.events:
         if args.start or args.nodes or args.jobs or args.all:
             raise UsageError("--events shows events: not with --start, --nodes, --jobs or --all")

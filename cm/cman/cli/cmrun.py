@@ -64,6 +64,11 @@ def parser():
                    help="GPUs the job needs on each of its nodes (every task there sees them all)")
     p.add_argument("--gpus-per-proc", type=whole_number(0, 1024), metavar="G",
                    help="GPUs each process needs (each sees its own G in CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--notify", action="append", metavar="URL",
+                   help="POST a JSON message (Discord's and Slack's webhooks take it) to URL when the job ends "
+                        "(repeatable; http or https)")
+    p.add_argument("--notify-on", choices=("end", "fail", "start", "all"),
+                   help="with --notify: on its end (default), only a failed end, its start, or all")
     p.add_argument("-J", "--name", help="job name (default: the command's name)")
     p.add_argument("-D", "--chdir", help="working directory of the tasks, where cmlogs/ goes (default: here)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and exit with its exit code")
@@ -179,6 +184,19 @@ def job_request(args, settings):
     for dest in ("gpus_per_node", "gpus_per_proc"):
         if getattr(args, dest):
             fields[dest] = getattr(args, dest)
+    if args.notify_on and not args.notify and not settings.notify_urls:
+        raise UsageError("--notify-on goes with --notify URL")
+    if args.notify:
+        from ..urls import check_url
+        for url in args.notify:
+            why = check_url(url)
+            if why:
+                raise UsageError(f"--notify {url[:80]!r}: {why}")
+        if len(args.notify) > 8:
+            raise UsageError("--notify: at most 8 URLs")
+        fields["notify"] = args.notify
+    if args.notify_on:
+        fields["notify_on"] = args.notify_on
     if args.name is not None:
         fields["name"] = args.name
     if script is not None:

@@ -14,7 +14,9 @@ import pwd
 from .. import arrays, depend, messages, placement
 from . import events as ev
 from ..jobs import Job, new_element
-from ..messages import (BadMessage, Cancelled, Changed, EventsReply, HistoryReply, InfoReply, Invalid, JobEnded,
+from ..urls import check_url
+from . import queue as queue_module
+from ..messages import (AcctReply, BadMessage, Cancelled, Changed, EventsReply, HistoryReply, InfoReply, Invalid, JobEnded,
                         NodesChanged, Refused, StatsReply, Submitted)
 from ..vocab import MAX_MESSAGE_BYTES, JobState, Op, PendingReason
 
@@ -29,6 +31,7 @@ DEFAULT_ENDED_SHOWN = 100
 EVENTS_DAYS = 7
 HISTORY_POINTS = 1500
 FULL_RESOLUTION_FOR = 3 * 3600
+MEANS_FOR = 7 * 86400
 UNAVAILABLE = "the cluster's database is unavailable; try again later"
 NOT_ACCEPTED = "the cluster's database is unavailable; job not accepted, try again later"
 
@@ -61,7 +64,7 @@ class CliApi:
                          Op.HOLD: self.on_hold, Op.RELEASE: self.on_hold,
                          Op.DRAIN: self.on_node_admin, Op.NODE_DOWN: self.on_node_admin,
                          Op.RESUME: self.on_node_admin, Op.EVENTS: self.on_events,
-                         Op.HISTORY: self.on_history, Op.STATS: self.on_stats}
+                         Op.HISTORY: self.on_history, Op.STATS: self.on_stats, Op.ACCT: self.on_acct}
         queue.on_retired = self.job_ended
 
     def remember(self, job):
@@ -185,6 +188,11 @@ class CliApi:
         if msg.get("gpus_per_node") and msg.get("gpus_per_proc"):
             self.out.reply(caller, Invalid(error="--gpus-per-node and --gpus-per-proc: give one of them", usage=True))
             return
+        for url in msg.get("notify") or ():
+            why = check_url(url)
+            if why:
+                self.out.reply(caller, Invalid(error=f"--notify {url[:80]!r}: {why}", usage=True))
+                return
         held = msg.get("hold", False)
         flexible = bool(msg.get("ntasks"))
         job = Job(
@@ -194,6 +202,7 @@ class CliApi:
             nodes=1 if flexible else msg.get("nodes", cfg.default_nodes),
             procs_per_node=1 if flexible else msg.get("procs_per_node", cfg.default_procs_per_node),
             task_count=msg.get("ntasks") or None,
+            notify=list(msg.get("notify") or []), notify_on=msg.get("notify_on"),
             gpus_per_node=msg.get("gpus_per_node", 0), gpus_per_proc=msg.get("gpus_per_proc", 0),
             cpus_per_proc=msg.get("cpus_per_proc", cfg.default_cpus_per_proc),
             mem_mb=msg.get("mem_mb", cfg.default_mem),
@@ -252,7 +261,10 @@ class CliApi:
         want_nodes, want_jobs = msg.get("nodes", False), msg.get("jobs", False)
         if not want_nodes and not want_jobs:
             want_nodes = want_jobs = True
-        reply = InfoReply(nodes=self.node_views() if want_nodes else [], jobs=[], missing=[],
+        since = msg.get("ended_since")
+        ended = [] if since is None else [j.view(self.wall()) for j in reversed(self.queue.ended.values())
+                                          if (j.end_time or 0) >= since and not j.is_array][:1000]
+        reply = InfoReply(nodes=self.node_views() if want_nodes else [], jobs=[], missing=[], ended=ended,
                           insecure=not self.cfg.keys_dir)
         if not want_jobs:
             self.out.reply(caller, reply)
@@ -437,11 +449,14 @@ class CliApi:
         if since > until:
             self.out.reply(caller, Invalid(error="--since is after --until", usage=True))
             return
-        query = {}
+        terms = []
         if msg.get("node"):
-            query["$or"] = [{"node": msg.node}, {"nodes": msg.node}]
-        if msg.get("job") is not None:
-            query["label"] = messages.shown_ref(msg.job) if not isinstance(msg.job, int) else str(msg.job)
+            terms.append({"$or": [{"node": msg.node}, {"nodes": msg.node}]})
+        if isinstance(msg.get("job"), int):       # a job, or an array and its elements' events
+            terms.append({"$or": [{"label": str(msg.job)}, {"array": msg.job}]})
+        elif msg.get("job") is not None:
+            terms.append({"label": messages.shown_ref(msg.job)})
+        query = {"$and": terms} if len(terms) > 1 else (terms[0] if terms else {})
         if msg.get("kinds"):
             unknown = [k for k in msg.kinds if k not in ev.KINDS]
             if unknown:
@@ -468,17 +483,54 @@ class CliApi:
         resolution = msg.get("resolution", "auto")
         if resolution == "auto":
             resolution = "full" if until - since <= FULL_RESOLUTION_FOR else "5m"
+        # What one reply may cover: full resolution for FULL_RESOLUTION_FOR, the means for a week.
+        since = max(since, until - (FULL_RESOLUTION_FOR if resolution == "full" else MEANS_FOR))
         kind = "metrics" if resolution == "full" else "metrics5m"
         detail, node = msg.get("detail", "cluster"), msg.get("node")
+        projection = {"t": 1, "cluster": 1} if detail == "cluster" and node is None else None
+        nodes = max(1, len(self.nodes.by_name))
+        # Points a reply holds: fewer where every node's rows are in each, so that it stays small.
+        points = {"cluster": HISTORY_POINTS, "status": max(50, min(HISTORY_POINTS, 200000 // nodes)),
+                  "nodes": max(50, min(HISTORY_POINTS, 20000 // nodes))}[detail]
 
         def done(error, found):
             if error is not None:
                 self.out.reply(caller, Refused(error=UNAVAILABLE))
                 return
-            found = thinned(found or [], HISTORY_POINTS)
+            found = thinned(found or [], points)
             self.out.reply(caller, HistoryReply(samples=[shaped(s, detail, node) for s in found],
                                                 resolution=resolution))
-        self.out.writer.read("find_appended", (kind, since, until, None, 100000, False), done)
+        self.out.writer.read("find_appended", (kind, since, until, None, 100000, False, projection), done)
+
+    def on_acct(self, caller, msg):
+        """cmacct: the accounting records of the jobs that ended in the range, as rows of
+        values (a day of 20,000 jobs is a few MB), read on the reader's thread."""
+        if msg.since > msg.until:
+            self.out.reply(caller, Invalid(error="--starttime is after --endtime", usage=True))
+            return
+        users, states, names = (set(msg.get(f) or ()) for f in ("users", "states", "names"))
+        labels = {messages.shown_ref(ref) if not isinstance(ref, int) else str(ref) for ref in msg.get("jobs") or ()}
+        arrays = {ref for ref in msg.get("jobs") or () if isinstance(ref, int)}
+        fields = queue_module.ACCOUNTING_FIELDS
+        if msg.get("fields"):
+            unknown = [f for f in msg.fields if f not in fields]
+            if unknown:
+                self.out.reply(caller, Invalid(error=f"no accounting field {unknown[0]}", usage=True))
+                return
+            fields = tuple(f for f in fields if f in msg.fields)
+
+        def wanted(doc):
+            return ((not users or doc["user"] in users) and (not states or doc["state"] in states)
+                    and (not names or doc["name"] in names)
+                    and (not labels or doc["label"] in labels or doc.get("array") in arrays))
+
+        def done(error, found):
+            if error is not None:
+                self.out.reply(caller, Refused(error=UNAVAILABLE))
+                return
+            rows = [[doc.get(f) for f in fields] for doc in found or () if wanted(doc)]
+            self.out.reply(caller, AcctReply(fields=list(fields), rows=rows))
+        self.out.writer.read("find_packed", ("acct", msg.since, msg.until), done)
 
     def on_stats(self, caller, msg):
         backlog = getattr(self.out.writer, "backlog", lambda: 0)()

@@ -15,6 +15,7 @@ from ..vocab import NodeState, Op
 from . import events as ev
 from .cliapi import CliApi
 from .metrics import Sampler
+from .notify import Notifier
 from .nodes import FORGET, LIVENESS, Nodes
 from .queue import JobQueue
 
@@ -26,7 +27,8 @@ class Core:
         self.cfg, self.out, self.clock, self.wall = cfg, out, clock, wall
         self.nodes = Nodes(cfg, clock, wall)
         self.events = ev.EventLog(out.writer, wall)
-        self.queue = JobQueue(cfg, self.nodes, out, wall, sealer, self.events)
+        self.notifier = Notifier(cfg, self.events, clock)   # job notifications, on a thread of its own
+        self.queue = JobQueue(cfg, self.nodes, out, wall, sealer, self.events, self.notifier)
         self.cli = CliApi(cfg, self.nodes, self.queue, out, wall, sealer, self.events)
         self.sampler = Sampler(cfg, clock, wall)     # the metrics history (metrics.py)
         self.cli.sampler = self.sampler

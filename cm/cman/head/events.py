@@ -12,6 +12,7 @@ them back (store.find_appended).
      "job": 7, "label": "7", "user": "alice", "nodes": ["node1", "node2"], ...}
 """
 import collections
+import threading
 import time
 
 # Event kinds, as cminfo --events and the API name them.
@@ -19,8 +20,10 @@ NODE_REGISTERED, NODE_UP, NODE_DOWN, NODE_FORGOTTEN = "node_registered", "node_u
 NODE_DRAINED, NODE_RESUMED = "node_drained", "node_resumed"
 JOB_SUBMITTED, JOB_STARTED, JOB_ENDED = "job_submitted", "job_started", "job_ended"
 JOB_REQUEUED, JOB_CANCELLED, JOB_TIMEOUT = "job_requeued", "job_cancelled", "job_timeout"
+NOTIFY_DELIVERED, NOTIFY_GAVE_UP = "notify_delivered", "notify_gave_up"
 KINDS = (NODE_REGISTERED, NODE_UP, NODE_DOWN, NODE_FORGOTTEN, NODE_DRAINED, NODE_RESUMED,
-         JOB_SUBMITTED, JOB_STARTED, JOB_ENDED, JOB_REQUEUED, JOB_CANCELLED, JOB_TIMEOUT)
+         JOB_SUBMITTED, JOB_STARTED, JOB_ENDED, JOB_REQUEUED, JOB_CANCELLED, JOB_TIMEOUT,
+         NOTIFY_DELIVERED, NOTIFY_GAVE_UP)
 
 RECENT = 2000
 
@@ -32,11 +35,14 @@ class EventLog:
         # Ids: microseconds of the wall clock, always rising, so a restarted head's follow its
         # predecessor's and an event appended twice (a retried batch) is stored once.
         self.last_id = int(time.time() * 1e6)
+        self.lock = threading.Lock()      # the notifier's thread emits too (notify.py)
 
     def emit(self, kind, text, **fields):
         now = self.wall()
-        self.last_id = max(self.last_id + 1, int(now * 1e6))
-        event = {"_id": self.last_id, "t": now, "kind": kind, "text": text,
+        with self.lock:
+            self.last_id = max(self.last_id + 1, int(now * 1e6))
+            event_id = self.last_id
+        event = {"_id": event_id, "t": now, "kind": kind, "text": text,
                  **{k: v for k, v in fields.items() if v is not None}}
         self.recent.append(event)
         self.writer.append("events", event)
@@ -44,7 +50,10 @@ class EventLog:
 
 
 def job_fields(job, label):
-    return {"job": job.id, "label": label, "user": job.user}
+    fields = {"job": job.id, "label": label, "user": job.user}
+    if job.array_id is not None:
+        fields["array"] = job.array_id    # cminfo --events -j 12 shows its elements' too
+    return fields
 
 
 def view(event):

@@ -46,8 +46,9 @@ ALTERED = "its record in the database does not match the head's seal (altered th
 
 
 class JobQueue:
-    def __init__(self, cfg, nodes, out, wall, sealer, events):
+    def __init__(self, cfg, nodes, out, wall, sealer, events, notifier=None):
         self.cfg, self.nodes, self.out, self.wall = cfg, nodes, out, wall
+        self.notifier = notifier         # job notifications (notify.py), or None
         self.events = events             # the event log (events.py)
         self.sealer = sealer             # checks, before any launch, that a job is as submitted
         self.jobs = {}                   # id -> Job, for PENDING and RUNNING jobs
@@ -112,6 +113,13 @@ class JobQueue:
         self.on_retired(job)
         if job.array_id is None or job.state != JobState.COMPLETED:   # an element: only what went wrong
             self.end_event(job)
+        if not job.is_array:              # its elements have records of their own
+            record = accounting_record(job, self.label_of(job))
+            self.out.writer.append("acct", record)
+        else:
+            record = accounting_record(job, self.label_of(job))
+        if self.notifier is not None and job.array_id is None:    # an array: once, at its end
+            self.notifier.job_event(job, self.label_of(job), "end", record, self.wall())
         log.info("%s %d %s, exit code %d%s", "array" if job.is_array else "job", job.id, job.state,
                  job.exit_code, f", signal {job.exit_signal}" if job.exit_signal else "")
         if job.array_id is not None:
@@ -573,6 +581,9 @@ class JobQueue:
         self.write_job(job, changed, then=lambda error, _: self.launch(job, attempt, error))
         if job.attempt == 0 and job.submit_time:
             self.start_latency.observe(max(0.0, job.start_time - job.submit_time))
+        if self.notifier is not None and (template is None or first_element):   # an array: its first element
+            label = str(template.id) if first_element else self.label_of(job)
+            self.notifier.job_event(job, label, "start", accounting_record(job, label), self.wall())
         if first_element:                 # an array's elements: its start, its end and what went wrong
             self.events.emit(ev.JOB_STARTED, f"array {template.id} of {job.user} started: its first element, "
                              f"{self.label_of(job)}, on {','.join(job.node_list)}", nodes=list(job.node_list),
@@ -785,7 +796,7 @@ class JobQueue:
             job = self.jobs.get(r["job"])
             if job is None or job.state != JobState.RUNNING or job.attempt != r["attempt"]:
                 continue                  # stale: an earlier attempt, or a job already ended
-            if not lifecycle.record_task_end(job, node_name, r["rank"], r["cause"], r["exit_code"], r["signal"]):
+            if not lifecycle.record_task_end(job, node_name, r["rank"], r["cause"], r["exit_code"], r["signal"], r):
                 continue                  # a repeat of a report already counted
             touched[job.id] = job
             if r["cause"] == EndCause.TIMEOUT:
@@ -800,7 +811,7 @@ class JobQueue:
             if node_name not in job.outstanding and job.id in self.nodes[node_name].jobs:
                 self.release(job, node_name)
             if job.outstanding:
-                self.write_job(job, ("exit_code", "exit_signal", "ended_ranks"))
+                self.write_job(job, ("exit_code", "exit_signal", "ended_ranks", "cpu_time", "peak_mem_mb"))
             else:
                 self.finish_job(job)
 
@@ -847,3 +858,23 @@ class JobQueue:
         reason = job.reason if state != JobState.COMPLETED else ""
         lifecycle.transition(job, state, self.wall(), reason=reason)
         self.retire(job)
+
+
+# What accounting (cmacct) keeps of an ended job, in the order cmacct's --json has them.
+ACCOUNTING_FIELDS = ("id", "label", "user", "name", "state", "exit_code", "signal", "submit", "start", "end",
+                     "wait", "elapsed", "nodes", "tasks", "cpus", "cpu_hours", "cpu_time", "efficiency",
+                     "peak_mem_mb", "gpus", "gpu_hours", "node_list", "attempts")
+
+
+def accounting_record(job, label):
+    """A job's accounting record, appended once at its end (store.py's acct_<day of its end>)."""
+    now = job.end_time or 0.0
+    usage = job.usage(now)
+    return {"_id": job.id, "t": now, "id": job.id, "label": label, "user": job.user, "name": job.name,
+            "state": job.state, "exit_code": job.exit_code, "signal": job.exit_signal,
+            "submit": job.submit_time, "start": job.start_time, "end": job.end_time,
+            "wait": usage["wait"], "elapsed": lifecycle.elapsed(job.start_time, job.end_time, now),
+            "nodes": len(job.node_list), "tasks": job.ntasks, "cpus": usage["cpus"], "cpu_hours": usage["cpu_hours"],
+            "cpu_time": usage["cpu_time"], "efficiency": usage["efficiency"], "peak_mem_mb": usage["peak_mem_mb"],
+            "gpus": sum(len(lifecycle.gpu_indices(g)) for g in job.gpu_list), "gpu_hours": usage["gpu_hours"],
+            "node_list": list(job.node_list), "attempts": job.attempt + 1, "array": job.array_id}

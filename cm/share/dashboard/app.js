@@ -214,7 +214,8 @@ async function showQueue() {
 // ---- which view, and refreshing it ----
 
 function currentView() {
-  const hash = decodeURIComponent(location.hash.slice(1)) || "now";
+  let hash = "now";
+  try { hash = decodeURIComponent(location.hash.slice(1)) || "now"; } catch (e) { /* a malformed hash: Now */ }
   if (hash.startsWith("node/")) return ["node", hash.slice(5)];
   return [["now", "history", "heatmap", "queue"].includes(hash) ? hash : "now", null];
 }
