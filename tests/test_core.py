@@ -661,7 +661,7 @@ def test_the_head_samples_the_cluster_every_metrics_interval_and_appends_five_mi
     assert len(samples) >= 40 and len(means) >= 1
     last = samples[-1]
     assert last["cluster"]["cpus_alloc"] == 3 and last["cluster"]["cpus_idle"] == 1
-    assert last["cluster"]["users"] == [{"user": "424201", "running": 1, "pending": 0, "cpus": 3}]
+    assert last["cluster"]["users"] == [{"user": "424201", "running": 1, "pending": 0, "cpus": 3, "gpus": 0}]
     assert last["nodes"][0]["status"] == "mixed" and last["nodes"][0]["disk_free"] == 5000
     assert means[0]["nodes"][0]["cpu"] == pytest.approx(75.0, abs=40)
     assert means[0]["nodes"][0]["status"] == "mixed"

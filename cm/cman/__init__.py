@@ -5,7 +5,8 @@ Where things live:
   config     every setting, its default, unit and meaning; validation
   units      time-limit and memory-size parsing and formatting
   messages   typed wire messages, validated on arrival
-  placement  the pure function that chooses nodes for pending jobs
+  placement  the pure functions that choose nodes for pending jobs (FIFO or EASY backfill,
+             --ntasks packing, GPUs) and estimate when the waiting ones start
   jobs       a job's lifecycle: transitions and how its result is derived
   depend     dependencies (afterok:12, singleton): parsing and when they are met
   arrays     job arrays: their specs, their tasks as runs, their elements' ids
@@ -25,11 +26,15 @@ Where things live:
   keys       the CURVE keys: one per node, its name bound to it on the head
   seal       the head's seal on who runs what, checked before any launch
   resources  what a node has and uses (psutil, cgroups)
+  gpus       a node's NVIDIA GPUs (NVML, nvidia-smi, or a count) and each task's devices
+  dashboard  the web dashboard, its JSON API and /metrics, beside the head (asks its socket)
+  urls       which notification URLs cm may POST to
   client     the CLI's side of the Unix socket (standard library only)
   localcluster  cmcluster: the database, head and computes as local processes
   cli/       one thin module per command
 
-Where the tree grows next, each a folder or module of its own: scheduler
-policies beside placement (backfill), a web dashboard (web/), accounting
-(accounting/) and metrics (metrics/), each reading the store's history.
+The head's events, metrics history, accounting records and notifications
+are head/events.py, head/metrics.py, head/queue.py (accounting_record) and
+head/notify.py; store.py keeps them in collections of one day (an hour for
+accounting), appended and never updated.
 """

@@ -218,7 +218,8 @@ def api_users(head, query):
     jobs = head.ask(Op.INFO, jobs=True)["jobs"]
     users = {}
     for j in jobs:
-        u = users.setdefault(j["user"], {"user": j["user"], "running": 0, "pending": 0, "cpus": 0, "cpu_hours_24h": 0.0})
+        u = users.setdefault(j["user"], {"user": j["user"], "running": 0, "pending": 0, "cpus": 0, "cpu_hours_24h": 0.0,
+                                         "gpu_hours_24h": 0.0})
         if j["state"] == JobState.RUNNING:
             u["running"] += 1
             u["cpus"] += j["ntasks"] * j["cpus_per_proc"]
@@ -234,10 +235,12 @@ def api_users(head, query):
         span = min(sample["t"] - prev["t"], 2 * step) / 3600     # a gap (the head was away) counts little
         for u in sample["cluster"]["users"]:
             row = users.setdefault(u["user"], {"user": u["user"], "running": 0, "pending": 0, "cpus": 0,
-                                               "cpu_hours_24h": 0.0})
+                                               "cpu_hours_24h": 0.0, "gpu_hours_24h": 0.0})
             row["cpu_hours_24h"] += u["cpus"] * span
+            row["gpu_hours_24h"] += u.get("gpus", 0) * span
     for row in users.values():
         row["cpu_hours_24h"] = round(row["cpu_hours_24h"], 3)
+        row["gpu_hours_24h"] = round(row["gpu_hours_24h"], 3)
     return {"users": sorted(users.values(), key=lambda u: u["user"])}
 
 

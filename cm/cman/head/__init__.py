@@ -8,6 +8,9 @@
     queue     the live jobs: placement, launch, stop, reaping, requeue, end
     cliapi    the handlers of CLI requests and the replies kept for retries
     restore   the working set rebuilt from the store at start
+    events    what happened (nodes up and down, jobs started and ended), appended
+    metrics   a sample of the cluster every metrics_interval, and 5-minute means
+    notify    job notifications: JSON POSTs from a thread of their own
 
 Where to look:
   a job is placed    queue.schedule() -> placement.place(), run after any

@@ -41,13 +41,14 @@ def sample(nodes, queue, now):
         cluster["nodes_up" if up else "nodes_down"] += 1
         cluster["gpus"] += node.gpus
         cluster["gpus_alloc"] += len(node.gpus_held)
-    users = collections.defaultdict(lambda: {"running": 0, "pending": 0, "cpus": 0})
+    users = collections.defaultdict(lambda: {"running": 0, "pending": 0, "cpus": 0, "gpus": 0})
     for job in queue.jobs.values():
         if job.is_array and job.state == JobState.PENDING:
             users[job.user]["pending"] += 1       # its elements not split off, as one
         elif job.state == JobState.RUNNING:
             users[job.user]["running"] += 1
             users[job.user]["cpus"] += sum(job.procs_on(i) for i in range(len(job.node_list))) * job.cpus_per_proc
+            users[job.user]["gpus"] += sum(len(job.gpus_on(i)) for i in range(len(job.node_list)))
         elif job.state == JobState.PENDING:
             users[job.user]["pending"] += 1
     cluster["running"] = sum(u["running"] for u in users.values())
@@ -60,11 +61,11 @@ def mean_of(samples, now):
     """The 5-minute mean of samples: numbers averaged, a node's status the one it had most."""
     count = len(samples)
     cluster = {k: round(sum(s["cluster"][k] for s in samples) / count, 2) for k in CLUSTER_NUMBERS}
-    users = collections.defaultdict(lambda: {"running": 0.0, "pending": 0.0, "cpus": 0.0})
+    users = collections.defaultdict(lambda: {"running": 0.0, "pending": 0.0, "cpus": 0.0, "gpus": 0.0})
     for s in samples:
         for u in s["cluster"]["users"]:
-            for k in ("running", "pending", "cpus"):
-                users[u["user"]][k] += u[k] / count
+            for k in ("running", "pending", "cpus", "gpus"):
+                users[u["user"]][k] += u.get(k, 0) / count
     cluster["users"] = [{"user": name, **{k: round(v, 2) for k, v in counts.items()}}
                         for name, counts in sorted(users.items())]
     by_node = collections.defaultdict(list)

@@ -207,7 +207,8 @@ async function showQueue() {
     j.array_id !== null && j.array_id !== undefined ? `${j.array_id}_${j.array_task}` : j.id, j.user, j.name, j.state,
     j.ntasks, j.node_list.join(",") || "-", duration(j.elapsed),
     j.state === "PENDING" ? `${j.expected_start ? "start " + when(j.expected_start) + " " : ""}(${j.reason || "-"})` : "-"])));
-  fill("users", users.map(u => row([u.user, u.running, u.pending, u.cpus, u.cpu_hours_24h.toFixed(2)])));
+  fill("users", users.map(u => row([u.user, u.running, u.pending, u.cpus, u.cpu_hours_24h.toFixed(2),
+                                    u.gpu_hours_24h.toFixed(2)])));
   fill("events", events.map(e => row([when(e.t), e.kind, e.text])));
 }
 
