@@ -82,6 +82,9 @@ class Job:
         self.gpu_list = self.gpu_list or []
         self.gpus_per_node, self.gpus_per_proc = self.gpus_per_node or 0, self.gpus_per_proc or 0
         self.cpu_time, self.peak_mem_mb = self.cpu_time or 0.0, self.peak_mem_mb or 0
+        self.notify = self.notify or []
+        self.held, self.kill_on_invalid_dep = bool(self.held), bool(self.kill_on_invalid_dep)
+        self.script, self.reason = self.script or "", self.reason or ""
         if self.array is not None:     # a template: its task ids, and its elements in memory
             self.tasks = arrays.tasks_of(self.array)
             self.elements = set()
@@ -211,9 +214,12 @@ def transition(job, new_state, now, reason=""):
         job.start_time, job.end_time = now, None
         job.exit_code, job.exit_signal, job.ended_ranks = 0, None, []
         job.outstanding = job.unended_ranks_by_node()
-        job.cpu_time, job.peak_mem_mb = 0.0, 0
-        return {"state", "reason", "start_time", "end_time", "exit_code", "exit_signal", "ended_ranks", "node_list",
-                "attempt", "task_layout", "gpu_list", "cpu_time", "peak_mem_mb"}
+        job.cpu_time, job.peak_mem_mb = 0.0, 0          # written with its first task's end, or its own
+        changed = {"state", "reason", "start_time", "end_time", "exit_code", "exit_signal", "ended_ranks", "node_list",
+                   "attempt"}
+        if job.task_layout or job.gpu_list:
+            changed |= {"task_layout", "gpu_list"}
+        return changed
     if new_state == JobState.PENDING:
         # RUNNING -> PENDING: requeued after losing a node; it runs again as a new attempt.
         job.attempt += 1

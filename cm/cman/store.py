@@ -50,6 +50,9 @@ log = logging.getLogger("cm.store")
 
 StoreError = pymongo.errors.PyMongoError
 # Appended kinds, and the UTC days of them kept (None: all).
+# Fields a Job reads back as empty where a document lacks them (most jobs leave them so).
+EMPTY_BY_DEFAULT = frozenset({"task_layout", "gpu_list", "gpus_per_node", "gpus_per_proc", "notify", "held",
+                              "kill_on_invalid_dep", "script", "reason", "cpu_time", "peak_mem_mb"})
 APPENDED = {"events": None, "metrics": 2, "metrics5m": 31, "acct": None}
 DAY = 86400
 HISTORY_BUCKET = 1000
@@ -389,8 +392,10 @@ class Store(Appends):
         Returns how many were given."""
         by_bucket = {}
         for fields in jobs:
-            # What a document lacks reads back as None (_job_fields): Nones are not stored.
-            doc = {k: v for k, v in fields.items() if k != "env" and v is not None}
+            # What a document lacks reads back as None (_job_fields): Nones are not stored, nor
+            # the empty values of the fields most jobs leave empty (a Job reads None as them).
+            doc = {k: v for k, v in fields.items()
+                   if k != "env" and v is not None and not (k in EMPTY_BY_DEFAULT and not v)}
             doc["_id"] = str(fields["id"])
             by_bucket.setdefault(bucket_of(fields["id"]), []).append(doc)
         for bucket, docs in sorted(by_bucket.items()):
