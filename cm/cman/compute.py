@@ -347,7 +347,18 @@ class Compute:
         self.send(messages.Register(name=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
                                     running=running, ended=ended, containment=self.containment.name,
                                     gpus=len(self.gpus), gpu_model=gpus.model_of(self.gpus)[:256],
-                                    gpu_indices=[g.index for g in self.gpus]))
+                                    gpu_indices=[g.index for g in self.gpus], addr=self.address()))
+
+    def address(self):
+        """This node's address as the others reach it: the one it reaches the head from (a
+        UDP socket's connect sends nothing); jobs' MASTER_ADDR when it is their node rank 0."""
+        import socket
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((self.cfg.head_host, self.cfg.head_port))
+                return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
     def on_register_again(self, msg):
         if self.welcomed:                 # else a Register is on its way already

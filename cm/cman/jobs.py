@@ -30,7 +30,7 @@ STORED_FIELDS = (
     "exit_code", "exit_signal", "node_list", "attempt", "ended_ranks", "request_id", "fate", "seal",
     "script", "held", "dependency", "kill_on_invalid_dep", "array", "array_state", "array_id", "array_task",
     "task_count", "task_layout", "gpus_per_node", "gpus_per_proc", "gpu_list", "cpu_time", "peak_mem_mb",
-    "notify", "notify_on",
+    "notify", "notify_on", "master_port",
 )
 
 
@@ -72,6 +72,7 @@ class Job:
         self.task_layout = []          # ... and, once placed, its processes on each node of node_list
         self.gpus_per_node = self.gpus_per_proc = 0   # GPUs asked (the second: per process)
         self.notify, self.notify_on = [], None   # URLs told of its start or end (notify.py), and when
+        self.master_port = None        # once placed: the port its frameworks rendezvous on (node rank 0)
         self.cpu_time = 0.0            # CPU seconds its tasks used (this attempt), as the nodes reported
         self.peak_mem_mb = 0           # the most memory it held on one node (MiB)
         self.gpu_list = []             # once placed: the GPU indices it holds on each node of node_list,

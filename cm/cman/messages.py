@@ -232,8 +232,9 @@ class Register(Message):
     FIELDS = {"name": NODE_NAME, "cpus": Int(1, 100000), "mem_mb": Int(0, 2**40),
               "running": List(TASK_KEY), "ended": List(TASK_END), "containment": Str(64),
               "gpus": Int(0, 1024), "gpu_model": Str(256, r"[ -~]*", empty=True),   # printable: cminfo shows it
-              "gpu_indices": List(Int(0, 1023), max_len=1024)}     # their indices, as nvidia-smi numbers them
-    OPTIONAL = ("gpus", "gpu_model", "gpu_indices")
+              "gpu_indices": List(Int(0, 1023), max_len=1024),     # their indices, as nvidia-smi numbers them
+              "addr": Str(64, r"[0-9A-Fa-f.:]+")}                # where the other nodes reach it (an IP)
+    OPTIONAL = ("gpus", "gpu_model", "gpu_indices", "addr")
 
 
 class Heartbeat(Message):
@@ -291,8 +292,10 @@ class Launch(Message):
         "first_rank": RANK,               # this node's lowest rank (its local rank 0)
         "gpus": List(Int(0, 1023), max_len=1024),     # this node's GPUs (their indices) the job holds
         "gpus_per_proc": Int(0, 1024),    # each task gets its own that many of them (else all)
+        "local_size": Int(1, 100000),     # ranks of the job on this node
+        "master_addr": Str(64, r"[0-9A-Fa-f.:]+"), "master_port": Int(1, 65535),   # node rank 0's, for frameworks
     }
-    OPTIONAL = ("array", "first_rank", "gpus", "gpus_per_proc")
+    OPTIONAL = ("array", "first_rank", "gpus", "gpus_per_proc", "local_size", "master_addr", "master_port")
 
 
 class Kill(Message):

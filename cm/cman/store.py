@@ -107,6 +107,7 @@ class JobDoc(me.EmbeddedDocument):
     peak_mem_mb = me.IntField(null=True)                   # the most memory it held on one node
     notify = me.ListField(me.StringField(max_length=2048)) # URLs told of its start or end
     notify_on = me.StringField(null=True)                  # end (default), fail, start or all
+    master_port = me.IntField(null=True)                   # once placed: MASTER_PORT on its node rank 0
 
 
 def check_job(fields):

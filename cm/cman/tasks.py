@@ -90,6 +90,12 @@ def task_env(spec, rank, local_rank, node_name, node_gpus=0):
         "CM_NODELIST": ",".join(spec.nodelist),
     })
     env.update(gpus.visible_devices(spec, local_rank, node_gpus))
+    # What torchrun (and most launchers) set, from the same facts: programs run unmodified.
+    env.update({"RANK": str(rank), "WORLD_SIZE": str(spec.ntasks), "LOCAL_RANK": str(local_rank),
+                "LOCAL_WORLD_SIZE": str(spec.get("local_size") or len(spec.ranks)),
+                "NODE_RANK": str(spec.node_rank), "GROUP_RANK": str(spec.node_rank)})
+    if spec.get("master_addr") and spec.get("master_port"):
+        env.update({"MASTER_ADDR": spec.master_addr, "MASTER_PORT": str(spec.master_port)})
     array = spec.get("array")
     if array is not None:                 # an array's element: Slurm's SLURM_ARRAY_* as CM_ARRAY_*
         env.update({"CM_ARRAY_JOB_ID": str(array["job"]), "CM_ARRAY_TASK_ID": str(array["task"]),

@@ -80,6 +80,7 @@ class Core:
         was_up = known is not None and known.state == NodeState.UP
         node, changed = self.nodes.registered(name, msg.cpus, msg.mem_mb, msg.containment,
                                               msg.get("gpus", 0), msg.get("gpu_model", ""), msg.get("gpu_indices"))
+        node.addr = msg.get("addr") or node.addr
         if changed:
             self.out.writer.save_node(name, node.stored())
         if known is None:

@@ -46,6 +46,7 @@ class Node:
         self.mem_used_mb = 0
         self.disk_free_mb = None         # free space where the jobs' working directories are, if known
         self.idle_since = None           # wall time its last job left it (None: since the head started)
+        self.addr = None                 # the address the other nodes reach it at (it says, registering)
         self.containment = ""            # how the node contains jobs (cgroup v1/v2, process groups)
         self.unconfirmed = {}            # (job, attempt) -> when the node first failed to show
                                          # a launch or kill sent to it (queue.check_running)

@@ -39,6 +39,9 @@ log = logging.getLogger("cm.head")
 # Stray job attempts a node's heartbeat may make the head act on (the rest wait for the next).
 MAX_STRAYS_A_HEARTBEAT = 100
 
+# Ports jobs' frameworks rendezvous on (MASTER_PORT, as torchrun's 29500): one per job on its node rank 0.
+MASTER_PORTS = (29500, 39500)
+
 # Jobs (an array's elements each count) whose start cminfo estimates, in queue order.
 PLAN_DEPTH = 2000
 
@@ -575,6 +578,8 @@ class JobQueue:
             template.start_time = job.start_time          # an array starts with its first element
             self.write_job(template, ("start_time",))
         job.launched = False
+        job.master_port = self.pick_master_port(job)
+        changed = set(changed) | {"master_port"}
         for name in job.node_list:
             self.allocate(job, name)
         attempt = job.attempt
@@ -625,7 +630,19 @@ class JobQueue:
             workdir=job.workdir, env=job.env, uid=job.uid, gid=job.gid, user=job.user, time_limit=job.time_limit,
             may_requeue=job.retries > 0, cpus=job.procs_on(node_rank) * job.cpus_per_proc, mem_mb=job.mem_mb,
             script=job.script, first_rank=job.first_rank_on(node_rank), gpus=job.gpus_on(node_rank),
-            gpus_per_proc=job.gpus_per_proc or None))
+            gpus_per_proc=job.gpus_per_proc or None, local_size=job.procs_on(node_rank),
+            master_addr=self.master_addr(job), master_port=job.master_port))
+
+    def master_addr(self, job):
+        node = self.nodes.get(job.node_list[0]) if job.node_list else None
+        return node.addr if node is not None and node.addr else None
+
+    def pick_master_port(self, job):
+        """A port for the job's frameworks (MASTER_PORT) on its node rank 0 that no other job
+        running there has: the lowest free one from MASTER_PORTS."""
+        node = self.nodes.get(job.node_list[0])
+        taken = {self.jobs[j].master_port for j in (node.jobs if node else ()) if j in self.jobs and j != job.id}
+        return next(p for p in range(MASTER_PORTS[0], MASTER_PORTS[1]) if p not in taken)
 
     def reconcile(self, node, running):
         """A node registered (again) saying what it runs. A task the head expects and the
