@@ -262,6 +262,16 @@ def test_a_users_jobs_are_in_cmacct_and_a_webhook_hears_of_each_end(cc):
     assert USER in cc.ok("cmacct --summary --by user")
 
 
+def test_ranks_on_three_containers_rendezvous_at_master_addr_with_no_glue(cc):
+    from test_distributed import RENDEZVOUS
+    cc.ok(f"cat > rendezvous.py <<'EOF'\n{RENDEZVOUS}\nEOF")
+    out = cc.ok("cmrun --wait -n 3 -p 1 python3 rendezvous.py")
+    job = int(out.split()[-1])
+    logs = {r: cc.ok(f"cat cmlogs/{job}/{r}.out").strip() for r in range(3)}
+    assert logs == {0: "sum 3", 1: "sent 1", 2: "sent 2"}
+    assert cc.job(job)["node_list"] == ["compute1", "compute2", "compute3"]
+
+
 def test_cmkill_ends_a_running_job_cancelled(cc):
     job_id = int(cc.ok("cmrun -n 2 sleep 300").strip())
     cc.wait_state(job_id, "RUNNING")
