@@ -114,13 +114,13 @@ class JobQueue:
         self.dependency_changed(job)
         self.remember_ended(job)
         self.on_retired(job)
-        if job.array_id is None or job.state != JobState.COMPLETED:   # an element: only what went wrong
+        # An element: only what went wrong. A job cancelled before it started: its cancel's event says it.
+        cancel_told = job.start_time is None and job.reason.startswith("cancelled by")
+        if (job.array_id is None or job.state != JobState.COMPLETED) and not cancel_told:
             self.end_event(job)
-        if not job.is_array:              # its elements have records of their own
-            record = accounting_record(job, self.label_of(job))
+        record = accounting_record(job, self.label_of(job))
+        if not job.is_array:              # an array's elements have records of their own
             self.out.writer.append("acct", record)
-        else:
-            record = accounting_record(job, self.label_of(job))
         if self.notifier is not None and job.array_id is None:    # an array: once, at its end
             self.notifier.job_event(job, self.label_of(job), "end", record, self.wall())
         log.info("%s %d %s, exit code %d%s", "array" if job.is_array else "job", job.id, job.state,
